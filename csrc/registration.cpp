@@ -1,0 +1,12 @@
+// Every op schema of the icnet namespace, defined once. Device kernels register beside their sources.
+#include <torch/library.h>
+
+TORCH_LIBRARY(icnet, m) {
+  // out = x + sum_b resize(avgpool_b(x)). kernel_sizes/strides: empty for adaptive pooling, else one
+  // (kh, kw) / (sh, sw) pair per bin, flattened.
+  m.def("pyramid_pool_sum(Tensor x, int[] bins, int[] kernel_sizes, int[] strides, bool align_corners) -> Tensor");
+  // The adjoint of pyramid_pool_sum applied to grad_out (the op is linear, so this is its whole backward).
+  m.def(
+      "pyramid_pool_sum_backward(Tensor grad_out, int[] bins, int[] kernel_sizes, int[] strides, "
+      "bool align_corners) -> Tensor");
+}

@@ -1,0 +1,18 @@
+"""icnet_kernels: fused C++, CUDA and Triton operators for ICNet-style real-time segmentation.
+
+Importing the package registers torch.ops.icnet.* (from the compiled extension when it loads) and
+exposes plain functions and nn.Modules over them.
+"""
+
+from icnet_kernels._native import native_available, native_cuda_available
+from icnet_kernels.nn import PyramidPoolingSum
+from icnet_kernels.ops import pyramid_pool_sum
+from icnet_kernels.reference import pyramid_pool_sum_reference
+
+__all__ = [
+    "PyramidPoolingSum",
+    "native_available",
+    "native_cuda_available",
+    "pyramid_pool_sum",
+    "pyramid_pool_sum_reference",
+]

@@ -1,0 +1,41 @@
+"""Which implementation runs an op.
+
+"native" is the compiled C++ (CPU) or CUDA kernel behind torch.ops.icnet, "triton" the Triton kernel,
+"reference" the plain-PyTorch definition. The default is native when the extension is loaded, else Triton
+on a GPU, else the reference; ICNET_BACKEND overrides the default for every call.
+"""
+
+import os
+
+import torch
+
+from icnet_kernels._native import native_available, native_cuda_available
+
+BACKENDS = ("native", "triton", "reference")
+
+
+def triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(backend: str | None, x: torch.Tensor) -> str:
+    if backend is None:
+        backend = os.environ.get("ICNET_BACKEND") or None
+    if backend is None:
+        native_ok = native_available() and (x.device.type == "cpu" or native_cuda_available())
+        if native_ok:
+            return "native"
+        return "triton" if x.device.type == "cuda" else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "native" and not native_available():
+        raise RuntimeError("backend='native' needs the compiled extension icnet_kernels._C, which is not loaded")
+    if backend == "native" and x.device.type == "cuda" and not native_cuda_available():
+        raise RuntimeError("backend='native' on a CUDA tensor needs icnet_kernels._C built with CUDA")
+    if backend == "triton" and not triton_usable(x.device):
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got a tensor on {x.device}")
+    return backend

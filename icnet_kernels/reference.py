@@ -1,0 +1,82 @@
+"""Plain-PyTorch definitions of the icnet ops: every kernel is tested against these.
+
+Summed pyramid pooling is written with explicit 1-D operator matrices (pooling and bilinear resize are
+both separable), not with F.avg_pool2d / F.interpolate, so that the tests can check this definition
+against that independent composition.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pool_matrix(length: int, bins: int, kernel: int | None = None, stride: int | None = None,
+                dtype=torch.float32, device=None) -> torch.Tensor:
+    """[bins, length]: weight of input position p in pooled position i along one axis.
+
+    kernel/stride None means PyTorch's adaptive pooling windows [floor(i*L/n), ceil((i+1)*L/n)).
+    """
+    i = torch.arange(bins, device=device)
+    if kernel is None:
+        begin = (i * length) // bins
+        end = ((i + 1) * length + bins - 1) // bins
+    else:
+        begin = i * stride
+        end = begin + kernel
+    p = torch.arange(length, device=device)
+    inside = (p[None, :] >= begin[:, None]) & (p[None, :] < end[:, None])
+    return inside.to(dtype) / (end - begin).to(dtype)[:, None]
+
+
+def interp_matrix(bins: int, length: int, align_corners: bool, dtype=torch.float32, device=None) -> torch.Tensor:
+    """[bins, length]: weight of source position i in output position p of a 1-D linear resize."""
+    p = torch.arange(length, device=device, dtype=dtype)
+    if align_corners:
+        scale = (bins - 1) / (length - 1) if length > 1 else 0.0
+        src = p * scale
+    else:
+        src = ((p + 0.5) * (bins / length) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=bins - 1)
+    lam = (src - i0.to(dtype)).clamp(0, 1)
+    i1 = (i0 + 1).clamp(max=bins - 1)
+    matrix = torch.zeros(bins, length, dtype=dtype, device=device)
+    cols = torch.arange(length, device=device)
+    matrix.index_put_((i0, cols), 1 - lam, accumulate=True)
+    matrix.index_put_((i1, cols), lam, accumulate=True)
+    return matrix
+
+
+def pyramid_bin_matrices(height: int, width: int, bins: Sequence[int],
+                         kernel_sizes: Sequence[Sequence[int]] | None, strides: Sequence[Sequence[int]] | None,
+                         align_corners: bool, dtype=torch.float32, device=None):
+    """Per bin: (pool_h [n,H], pool_w [n,W], interp_h [n,H], interp_w [n,W])."""
+    matrices = []
+    for b, n in enumerate(bins):
+        kh, kw = kernel_sizes[b] if kernel_sizes is not None else (None, None)
+        sh, sw = strides[b] if strides is not None else (None, None)
+        matrices.append((
+            pool_matrix(height, n, kh, sh, dtype, device),
+            pool_matrix(width, n, kw, sw, dtype, device),
+            interp_matrix(n, height, align_corners, dtype, device),
+            interp_matrix(n, width, align_corners, dtype, device),
+        ))
+    return matrices
+
+
+def pyramid_pool_sum_reference(x: torch.Tensor, bins: Sequence[int] = (1, 2, 3, 6),
+                               kernel_sizes: Sequence[Sequence[int]] | None = None,
+                               strides: Sequence[Sequence[int]] | None = None,
+                               align_corners: bool = True) -> torch.Tensor:
+    """out = x + sum_b resize(avgpool_b(x), x's size), bilinear; accumulates in float32 (float64 for float64)."""
+    dtype = _compute_dtype(x.dtype)
+    xc = x.to(dtype)
+    out = xc.clone()
+    for pool_h, pool_w, interp_h, interp_w in pyramid_bin_matrices(
+            x.shape[-2], x.shape[-1], bins, kernel_sizes, strides, align_corners, dtype, x.device):
+        pooled = torch.einsum("ih,nchw,jw->ncij", pool_h, xc, pool_w)
+        out = out + torch.einsum("ih,ncij,jw->nchw", interp_h, pooled, interp_w)
+    return out.to(x.dtype)
