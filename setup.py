@@ -25,9 +25,20 @@ def find_nvcc():
         return str(Path(cuda_home) / "bin" / "nvcc")
     on_path = shutil.which("nvcc")
     if on_path:
-        return on_path
+        # Wrappers on PATH confuse CMake's compiler detection; hand it the real binary.
+        return os.path.realpath(on_path)
     default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
+    return str(default.resolve()) if default.exists() else None
+
+
+def find_cmake():
+    """The cmake of the pip package when installed (recent enough for CUDA 13), else the one on PATH."""
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return shutil.which("cmake") or "cmake"
 
 
 def want_cuda(torch, nvcc):
@@ -102,9 +113,10 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_EXTRA_INCLUDE_DIR={pip_cuda_include_dir()}",
             ]
         print(f"icnet_kernels: building with CUDA={'on' if with_cuda else 'off'}", file=sys.stderr)
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        cmake = find_cmake()
+        subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
 setup(
