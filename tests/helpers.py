@@ -1,0 +1,58 @@
+"""Shared test helpers: which backends run here, memory layouts, and the error budget."""
+
+import os
+
+import pytest
+import torch
+
+import icnet_kernels
+
+GPU = torch.cuda.is_available()
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_cases():
+    """(backend, device) pairs to test: every one that can run here, interpreted Triton included."""
+    cases = [pytest.param("native", "cpu", id="native-cpu",
+                          marks=pytest.mark.skipif(not icnet_kernels.native_available(), reason="_C not built")),
+             pytest.param("triton", "cpu", id="triton-interpreted",
+                          marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="a GPU is present: Triton runs natively"))]
+    cases.append(pytest.param("native", "cuda", id="native-cuda", marks=pytest.mark.skipif(
+        not (GPU and icnet_kernels.native_cuda_available()), reason="needs a GPU and _C built with CUDA")))
+    cases.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.skipif(not GPU, reason="needs a GPU")))
+    return cases
+
+
+def dtypes_for(backend: str, device: str):
+    if device == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    if backend == "triton":  # the interpreter: float32 only
+        return [torch.float32]
+    return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as x, laid out as requested ('strided': a non-contiguous view)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    big = torch.full((n, c + 1, h * 2, w + 3), float("nan"), dtype=x.dtype, device=x.device)
+    view = big[:, 1:, ::2, 2:w + 2]
+    view.copy_(x)
+    return view
+
+
+def assert_within_budget(actual, exact, torch_same_precision, atol, what=""):
+    """flash-attention's rule: error <= 2 x the error of the same-precision PyTorch run + atol."""
+    exact = exact.double()
+    err = (actual.double() - exact).abs().max().item()
+    err_torch = (torch_same_precision.double() - exact).abs().max().item()
+    assert err <= 2 * err_torch + atol, f"{what}: error {err:.3e} > 2 x torch's {err_torch:.3e} + {atol:.1e}"
+
+
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
