@@ -9,4 +9,10 @@ TORCH_LIBRARY(icnet, m) {
   m.def(
       "pyramid_pool_sum_backward(Tensor grad_out, int[] bins, int[] kernel_sizes, int[] strides, "
       "bool align_corners) -> Tensor");
+  // out = relu(conv3x3(resize(low, high's HxW), weight_low, dilation, padding=dilation) + weight_high . high + bias):
+  // cascade feature fusion with both BatchNorms folded into the weights and one bias. weight_low
+  // [Co, Cl, 3, 3], weight_high [Co, Ch], bias [Co]; bilinear resize with the given align_corners.
+  m.def(
+      "cascade_feature_fusion(Tensor low, Tensor high, Tensor weight_low, Tensor weight_high, Tensor bias, "
+      "int dilation, bool align_corners) -> Tensor");
 }

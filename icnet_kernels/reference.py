@@ -8,6 +8,7 @@ against that independent composition.
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,3 +81,26 @@ def pyramid_pool_sum_reference(x: torch.Tensor, bins: Sequence[int] = (1, 2, 3, 
         pooled = torch.einsum("ih,nchw,jw->ncij", pool_h, xc, pool_w)
         out = out + torch.einsum("ih,ncij,jw->nchw", interp_h, pooled, interp_w)
     return out.to(x.dtype)
+
+
+def cascade_feature_fusion_reference(low: torch.Tensor, high: torch.Tensor,
+                                     weight_low: torch.Tensor, scale_low: torch.Tensor, shift_low: torch.Tensor,
+                                     weight_high: torch.Tensor, scale_high: torch.Tensor, shift_high: torch.Tensor,
+                                     dilation: int = 2, align_corners: bool = True,
+                                     return_upsampled: bool = False):
+    """Cascade feature fusion, as separate ATen ops:
+
+        up  = bilinear_resize(low, high's size)
+        out = relu((conv3x3(up, weight_low, dilation, padding=dilation) * scale_low + shift_low)
+                   + (conv1x1(high, weight_high) * scale_high + shift_high))
+
+    scale/shift are per output channel (BatchNorm in inference form). With return_upsampled, also returns
+    up, which ICNet's cascade label guidance classifies during training.
+    """
+    up = F.interpolate(low, size=high.shape[-2:], mode="bilinear", align_corners=align_corners)
+    branch_low = F.conv2d(up, weight_low, padding=dilation, dilation=dilation)
+    branch_high = F.conv2d(high, weight_high.reshape(weight_high.shape[0], -1, 1, 1))
+    per_channel = (1, -1, 1, 1)
+    out = torch.relu(branch_low * scale_low.reshape(per_channel) + shift_low.reshape(per_channel)
+                     + branch_high * scale_high.reshape(per_channel) + shift_high.reshape(per_channel))
+    return (out, up) if return_upsampled else out

@@ -1,0 +1,87 @@
+"""Bar chart of a results file written by benchmarks.run.
+
+python -m benchmarks.plot benchmarks/results/ops-<device>.json writes ops-<device>.png beside it: per op,
+the p50 time of each provider per case (whiskers from p20 to p80), and the share of the copy bandwidth
+measured in the same run that each reaches.
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _case_label(row: dict) -> str:
+    return f"{'x'.join(map(str, row['shape']))}\n{row['dtype']}\n{row['variant']}"
+
+
+def _grouped_bars(axis, rows: list[dict], cases: list[str], providers: list[str], key: str) -> None:
+    width = 0.8 / len(providers)
+    for index, provider in enumerate(providers):
+        offset = (index - (len(providers) - 1) / 2) * width
+        plotted = [(cases.index(_case_label(row)) + offset, row) for row in rows
+                   if row["provider"] == provider and row.get(key) is not None]
+        positions = [position for position, _ in plotted]
+        heights = [row[key] for _, row in plotted]
+        whiskers = None
+        if key == "p50_ms":
+            whiskers = [[row["p50_ms"] - row["p20_ms"] for _, row in plotted],
+                        [row["p80_ms"] - row["p50_ms"] for _, row in plotted]]
+        axis.bar(positions, heights, width, yerr=whiskers, label=provider, capsize=2)
+    axis.set_xticks(range(len(cases)), cases, fontsize=7)
+
+
+def write_plot(results_path: Path) -> Path:
+    """Writes the chart as a PNG next to results_path and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or assumed
+    import matplotlib.pyplot as plt
+
+    results = json.loads(results_path.read_text())
+    rows = [row for row in results["rows"] if "error" not in row]
+    if not rows:
+        raise ValueError(f"{results_path} holds no successful rows to plot")
+    ops = list(dict.fromkeys(row["op"] for row in rows))
+    figure, axes = plt.subplots(len(ops), 2, figsize=(16, 5 * len(ops)), squeeze=False)
+    for (time_axis, roofline_axis), op in zip(axes, ops):
+        op_rows = [row for row in rows if row["op"] == op]
+        cases = list(dict.fromkeys(_case_label(row) for row in op_rows))
+        providers = list(dict.fromkeys(row["provider"] for row in op_rows))
+        _grouped_bars(time_axis, op_rows, cases, providers, "p50_ms")
+        time_axis.set_yscale("log")
+        time_axis.set_ylabel("p50 time per call (ms), log scale")
+        time_axis.set_title(f"{op}: time")
+        time_axis.legend(fontsize=8)
+        _grouped_bars(roofline_axis, op_rows, cases, providers, "pct_of_roofline_floor")
+        roofline_axis.set_ylabel("% of measured copy bandwidth")
+        roofline_axis.set_title(f"{op}: share of the memory roofline")
+    meta = results["meta"]
+    figure.suptitle(f"{meta['device']} ({meta['device_kind']}), torch {meta['torch']}, "
+                    f"commit {meta['git_commit'][:10]}")
+    figure.tight_layout()
+    png_path = results_path.with_suffix(".png")
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a JSON file written by python -m benchmarks.run")
+    args = parser.parse_args(argv)
+    if not matplotlib_available():
+        print("benchmarks.plot needs matplotlib: pip install 'icnet-kernels[bench]' (or pip install matplotlib)",
+              file=sys.stderr)
+        return 1
+    print(write_plot(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Benchmark cases and providers for summed pyramid pooling, ICNet's pyramid pooling module."""
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.case import Case, Provider
+from icnet_kernels import pyramid_pool_sum, pyramid_pool_sum_reference
+from icnet_kernels.reference import pyramid_bin_matrices
+
+NAME = "pyramid_pool_sum"
+BINS = (1, 2, 3, 6)
+CHANNELS = 1024
+# ICNet at 1025x2049 reaches its pyramid pooling module at 1/32 scale: a 33x65 map, which the released
+# model pools with these explicit windows (they only fit that size).
+ICNET_MAP = (33, 65)
+ICNET_KERNEL_SIZES = ((33, 65), (17, 33), (13, 25), (8, 15))
+ICNET_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
+# Twice ICNet's map side, in float16: the shape the kernels' bandwidth target is set on.
+BANDWIDTH_MAP = (65, 129)
+
+
+def eager_pyramid_pool_sum(x: torch.Tensor, bins: Sequence[int], kernel_sizes, strides,
+                           align_corners: bool) -> torch.Tensor:
+    """The composition ICNet's PyTorch ports run: pool each level, resize it back, add it to the input."""
+    size = x.shape[-2:]
+    out = x
+    for level, bin_size in enumerate(bins):
+        if kernel_sizes is None:
+            pooled = F.adaptive_avg_pool2d(x, bin_size)
+        else:
+            pooled = F.avg_pool2d(x, kernel_sizes[level], strides[level])
+        out = out + F.interpolate(pooled, size=size, mode="bilinear", align_corners=align_corners)
+    return out
+
+
+def _useful_flops(shape: Sequence[int], bins, kernel_sizes, strides, align_corners) -> int:
+    """Per level: one add per element of each pooling window, one divide per pooled value, and per output
+    pixel a 4-tap bilinear blend (4 multiplies, 3 adds) plus the add into the sum."""
+    height, width = shape[-2:]
+    per_plane = 0
+    for (pool_h, pool_w, _, _), bin_size in zip(
+            pyramid_bin_matrices(height, width, bins, kernel_sizes, strides, align_corners), bins):
+        window_elements = int(pool_h.count_nonzero()) * int(pool_w.count_nonzero())
+        per_plane += window_elements + bin_size * bin_size + 8 * height * width
+    return math.prod(shape[:-2]) * per_plane
+
+
+def _case(variant: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_sizes, strides) -> Case:
+    params = {"bins": BINS, "kernel_sizes": kernel_sizes, "strides": strides, "align_corners": True}
+    return Case(op=NAME, variant=variant, shape=shape, dtype=dtype, params=params,
+                min_bytes=2 * math.prod(shape) * dtype.itemsize, flops=_useful_flops(shape, **params))
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    batches = (1,) if quick else (1, 16)
+    dtypes = (torch.float32,) if device.type == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    geometries = {"adaptive": (None, None), "icnet-explicit": (ICNET_KERNEL_SIZES, ICNET_STRIDES)}
+    found = [_case(variant, (batch, CHANNELS, *ICNET_MAP), dtype, kernel_sizes, strides)
+             for dtype in dtypes for batch in batches
+             for variant, (kernel_sizes, strides) in geometries.items()]
+    if device.type == "cuda":
+        found.append(_case("adaptive", (batches[-1], CHANNELS, *BANDWIDTH_MAP), torch.float16, None, None))
+    return found
+
+
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    return (torch.randn(case.shape, generator=generator, device=device).to(case.dtype),)
+
+
+def reference(case: Case, inputs: tuple[torch.Tensor]) -> torch.Tensor:
+    (x,) = inputs
+    return pyramid_pool_sum_reference(x.double(), **case.params)
+
+
+def _eager(case: Case) -> Provider:
+    return partial(eager_pyramid_pool_sum, **case.params)
+
+
+def _compiled(mode: str | None) -> Callable[[Case], Provider]:
+    def build(case: Case) -> Provider:
+        # A fresh dynamo cache per case: each case compiles once for its static shape and dtype, and the
+        # cases together stay clear of dynamo's recompile limit.
+        torch._dynamo.reset()
+        return torch.compile(_eager(case), mode=mode, dynamic=False)
+    return build
+
+
+def _icnet(backend: str) -> Callable[[Case], Provider]:
+    return lambda case: partial(pyramid_pool_sum, **case.params, backend=backend)
+
+
+def providers(device: torch.device) -> dict[str, Callable[[Case], Provider]]:
+    if device.type == "cpu":
+        return {"eager": _eager, "icnet-native": _icnet("native")}
+    return {
+        "eager": _eager,
+        "compile": _compiled(None),
+        "compile-max-autotune": _compiled("max-autotune-no-cudagraphs"),
+        "icnet-native": _icnet("native"),
+        "icnet-triton": _icnet("triton"),
+    }

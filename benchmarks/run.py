@@ -1,0 +1,113 @@
+"""Benchmark entry point.
+
+python -m benchmarks.run [--ops pyramid_pool_sum ...] [--device cpu|cuda|auto] [--out benchmarks/results] [--quick]
+
+For every case of every op: compute the reference in float64 from the same inputs, run each provider once
+and diff it against that reference, then time it. Prints a table to stdout, writes
+<out>/ops-<device>.json (meta plus long-form rows, one per case and provider) and, when matplotlib is
+installed, a PNG chart beside it. A provider that fails gets a row with an "error" field instead.
+
+Row fields: p20/p50/p80_ms are quantiles of one call's time. gbps and tflops divide the case's minimal
+bytes (inputs read once, output written once) and useful FLOPs by p50. pct_of_roofline_floor is gbps as a
+percentage of the copy bandwidth measured in the same run (meta.copy_gbps), i.e. how close p50 is to the
+fastest time the memory traffic allows. max_rel_err is max_abs_err over the largest reference magnitude:
+elementwise ratios are meaningless where the sum crosses zero. speedup_vs_eager is eager's p50 over this
+provider's p50.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import plot, pyramid_pool_sum, report, timing
+from benchmarks.case import Case, OpBenchmark
+
+OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum,)}
+BASELINE = "eager"
+
+log = logging.getLogger("benchmarks")
+
+
+def _errors(out: torch.Tensor, expected: torch.Tensor) -> dict:
+    if out.shape != expected.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(expected.shape)}")
+    max_abs = (out.double() - expected).abs().max().item()
+    return {"max_abs_err": max_abs, "max_rel_err": max_abs / expected.abs().max().item()}
+
+
+def _throughput(case: Case, p50_ms: float, copy_gbps: float | None) -> dict:
+    seconds = p50_ms * 1e-3
+    gbps = case.min_bytes / seconds / 1e9
+    return {"gbps": gbps, "tflops": case.flops / seconds / 1e12,
+            "pct_of_roofline_floor": None if copy_gbps is None else 100 * gbps / copy_gbps}
+
+
+def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
+             copy_gbps: float | None) -> list[dict]:
+    inputs = op.make_inputs(case, device)
+    expected = op.reference(case, inputs)
+    rows = []
+    for provider, build in op.providers(device).items():
+        row = case.describe() | {"provider": provider}
+        log.info("%s %s %s %s: %s", case.op, case.variant, "x".join(map(str, case.shape)), row["dtype"], provider)
+        try:
+            fn = build(case)
+            row |= _errors(fn(*inputs), expected)
+            p20, p50, p80 = timing.time_ms(lambda: fn(*inputs), device, effort)
+        except Exception as exc:  # one broken provider must not cost the other rows; its row says why
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("  failed: %s", row["error"])
+            rows.append(row)
+            continue
+        rows.append(row | {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80} | _throughput(case, p50, copy_gbps))
+    baseline = next((row for row in rows if row["provider"] == BASELINE and "p50_ms" in row), None)
+    for row in rows:
+        if baseline is not None and "p50_ms" in row:
+            row["speedup_vs_eager"] = baseline["p50_ms"] / row["p50_ms"]
+    return rows
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a visible CUDA GPU; torch.cuda.is_available() is False")
+    return torch.device(choice)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Time the icnet ops against eager PyTorch and torch.compile.")
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS))
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the results file and chart (default: benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only and shorter timing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    device = _device(args.device)
+    effort = timing.QUICK if args.quick else timing.FULL
+    work = [(OPS[name], case) for name in args.ops for case in OPS[name].cases(device, args.quick)]
+    copy_gbps = timing.copy_gbps(max(case.min_bytes for _, case in work), device, effort)
+    log.info("copy bandwidth on %s: %.1f GB/s", device, copy_gbps)
+
+    rows = [row for op, case in work for row in run_case(op, case, device, effort, copy_gbps)]
+    print(report.format_table(rows))
+
+    suffix = "-quick" if args.quick else ""
+    results_path = args.out / f"ops-{report.slug(report.device_name(device))}{suffix}.json"
+    report.write_json(results_path, report.meta(device, copy_gbps, args.quick), rows)
+    log.info("wrote %s", results_path)
+    if plot.matplotlib_available():
+        log.info("wrote %s", plot.write_plot(results_path))
+    else:
+        log.info("matplotlib is not installed: no chart (pip install matplotlib, then python -m benchmarks.plot %s)",
+                 results_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
