@@ -45,7 +45,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def meta(device: torch.device, copy_gbps: float | None, quick: bool) -> dict:
+def meta(device: torch.device, copy_gbps: float, quick: bool) -> dict:
     return {
         "device": device_name(device),
         "device_kind": device.type,

@@ -38,15 +38,14 @@ def _errors(out: torch.Tensor, expected: torch.Tensor) -> dict:
     return {"max_abs_err": max_abs, "max_rel_err": max_abs / expected.abs().max().item()}
 
 
-def _throughput(case: Case, p50_ms: float, copy_gbps: float | None) -> dict:
+def _throughput(case: Case, p50_ms: float, copy_gbps: float) -> dict:
     seconds = p50_ms * 1e-3
     gbps = case.min_bytes / seconds / 1e9
-    return {"gbps": gbps, "tflops": case.flops / seconds / 1e12,
-            "pct_of_roofline_floor": None if copy_gbps is None else 100 * gbps / copy_gbps}
+    return {"gbps": gbps, "tflops": case.flops / seconds / 1e12, "pct_of_roofline_floor": 100 * gbps / copy_gbps}
 
 
 def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
-             copy_gbps: float | None) -> list[dict]:
+             copy_gbps: float) -> list[dict]:
     inputs = op.make_inputs(case, device)
     expected = op.reference(case, inputs)
     rows = []

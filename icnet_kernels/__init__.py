@@ -5,11 +5,14 @@ exposes plain functions and nn.Modules over them.
 """
 
 from icnet_kernels._native import native_available, native_cuda_available
-from icnet_kernels.nn import PyramidPoolingSum
-from icnet_kernels.ops import pyramid_pool_sum
-from icnet_kernels.reference import pyramid_pool_sum_reference
+from icnet_kernels.nn import CascadeFeatureFusion, PyramidPoolingSum
+from icnet_kernels.ops import cascade_feature_fusion, pyramid_pool_sum
+from icnet_kernels.reference import cascade_feature_fusion_reference, pyramid_pool_sum_reference
 
 __all__ = [
+    "CascadeFeatureFusion",
+    "cascade_feature_fusion",
+    "cascade_feature_fusion_reference",
     "PyramidPoolingSum",
     "native_available",
     "native_cuda_available",

@@ -132,3 +132,142 @@ def _register_pyramid_ops():
 
 
 _register_pyramid_ops()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cascade feature fusion
+
+def _check_cff(low, high, weight_low, weight_high, dilation):
+    for name, t in (("low", low), ("high", high)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got {getattr(t, 'shape', type(t))}")
+    if not low.is_floating_point():
+        raise ValueError(f"low must be a floating-point tensor, got {low.dtype}")
+    if high.dtype != low.dtype or high.device != low.device:
+        raise ValueError(f"high must match low's dtype and device ({low.dtype}, {low.device}), "
+                         f"got {high.dtype} on {high.device}")
+    if high.shape[0] != low.shape[0]:
+        raise ValueError(f"high's batch {high.shape[0]} must equal low's {low.shape[0]}")
+    if min(low.shape[1:]) < 1 or high.shape[1] < 1:
+        raise ValueError(f"low and high need channels and a non-empty map, got {tuple(low.shape)} and {tuple(high.shape)}")
+    if high.shape[2] < low.shape[2] or high.shape[3] < low.shape[3]:
+        raise ValueError(f"high ({high.shape[2]}x{high.shape[3]}) must be at least as large as low "
+                         f"({low.shape[2]}x{low.shape[3]})")
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be a positive int, got {dilation!r}")
+    if weight_low.dim() != 4 or tuple(weight_low.shape[1:]) != (low.shape[1], 3, 3):
+        raise ValueError(f"weight_low must be [Co, {low.shape[1]}, 3, 3] (Cl = low's channels), "
+                         f"got {tuple(weight_low.shape)}")
+    co = weight_low.shape[0]
+    if weight_high.dim() not in (2, 4) or weight_high.shape[0] != co or weight_high.shape[1] != high.shape[1] or (
+            weight_high.dim() == 4 and tuple(weight_high.shape[2:]) != (1, 1)):
+        raise ValueError(f"weight_high must be [{co}, {high.shape[1]}] or [{co}, {high.shape[1]}, 1, 1] "
+                         f"(Co of weight_low, Ch = high's channels), got {tuple(weight_high.shape)}")
+    for name, t in (("weight_low", weight_low), ("weight_high", weight_high)):
+        if t.dtype != low.dtype or t.device != low.device:
+            raise ValueError(f"{name} must match low's dtype and device ({low.dtype}, {low.device}), "
+                             f"got {t.dtype} on {t.device}")
+    return co
+
+
+def _per_channel(name, value, co, like, default):
+    if value is None:
+        return torch.full((co,), default, dtype=like.dtype, device=like.device)
+    if value.shape != (co,):
+        raise ValueError(f"{name} must be [{co}] (one value per output channel), got {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {value.device}")
+    return value.to(like.dtype)
+
+
+def cascade_feature_fusion(low: torch.Tensor, high: torch.Tensor, weight_low: torch.Tensor,
+                           weight_high: torch.Tensor, scale_low: torch.Tensor | None = None,
+                           shift_low: torch.Tensor | None = None, scale_high: torch.Tensor | None = None,
+                           shift_high: torch.Tensor | None = None, dilation: int = 2, align_corners: bool = True,
+                           return_upsampled: bool = False, backend: str | None = None):
+    """ICNet's cascade feature fusion as one fused op:
+
+        relu((conv3x3(resize(low, high's size), weight_low, dilation) * scale_low + shift_low)
+             + (conv1x1(high, weight_high) * scale_high + shift_high))
+
+    scale/shift: per output channel (inference BatchNorm; None for 1 and 0). The scales are folded into the
+    weights and the shifts into one bias before the kernel runs, so gradients reach all eight inputs.
+    With return_upsampled, also returns resize(low), which ICNet's training-time classifier needs.
+    """
+    co = _check_cff(low, high, weight_low, weight_high, dilation)
+    scale_low = _per_channel("scale_low", scale_low, co, low, 1.0)
+    shift_low = _per_channel("shift_low", shift_low, co, low, 0.0)
+    scale_high = _per_channel("scale_high", scale_high, co, low, 1.0)
+    shift_high = _per_channel("shift_high", shift_high, co, low, 0.0)
+    backend = choose_backend(backend, low)
+    if backend == "reference":
+        out = reference.cascade_feature_fusion_reference(low, high, weight_low, scale_low, shift_low, weight_high,
+                                                         scale_high, shift_high, dilation, align_corners)
+    else:
+        op = (torch.ops.icnet.cascade_feature_fusion if backend == "native"
+              else torch.ops.icnet.cascade_feature_fusion_triton)
+        folded_low = weight_low * scale_low[:, None, None, None]
+        folded_high = weight_high.reshape(co, -1) * scale_high[:, None]
+        out = op(low, high, folded_low, folded_high, shift_low + shift_high, dilation, align_corners)
+    if not return_upsampled:
+        return out
+    return out, torch.nn.functional.interpolate(low, size=high.shape[-2:], mode="bilinear", align_corners=align_corners)
+
+
+@torch.library.custom_op("icnet::cascade_feature_fusion_triton", mutates_args=())
+def _cascade_feature_fusion_triton(low: torch.Tensor, high: torch.Tensor, weight_low: torch.Tensor,
+                                   weight_high: torch.Tensor, bias: torch.Tensor, dilation: int,
+                                   align_corners: bool) -> torch.Tensor:
+    from icnet_kernels.triton.cascade_feature_fusion import cascade_feature_fusion_triton
+    return cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dilation, align_corners)
+
+
+def _cff_fake(low, high, weight_low, weight_high, bias, dilation, align_corners):
+    torch._check(low.dim() == 4 and high.dim() == 4, lambda: "low and high must be 4-D")
+    out = high.new_empty((high.shape[0], weight_low.shape[0], high.shape[2], high.shape[3]))
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(high) else out
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """The layout rule of the kernels' outputs: high's suggested memory format."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cff_setup_context(ctx, inputs, output):
+    low, high, weight_low, weight_high, bias, dilation, align_corners = inputs
+    ctx.save_for_backward(low, high, weight_low, weight_high, output)
+    ctx.dilation, ctx.align_corners = dilation, align_corners
+
+
+def _cff_backward(ctx, grad):
+    """Composed from ATen ops on the inputs' device (a fused backward kernel is future work)."""
+    low, high, weight_low, weight_high, out = ctx.saved_tensors
+    d = ctx.dilation
+    grad = grad * (out > 0)
+    up = torch.nn.functional.interpolate(low, size=high.shape[-2:], mode="bilinear", align_corners=ctx.align_corners)
+    grad_up, grad_weight_low, _ = torch.ops.aten.convolution_backward(
+        grad, up, weight_low, None, [1, 1], [d, d], [d, d], False, [0, 0], 1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+    weight_high_4d = weight_high[:, :, None, None]
+    grad_high, grad_weight_high, _ = torch.ops.aten.convolution_backward(
+        grad, high, weight_high_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [ctx.needs_input_grad[1], ctx.needs_input_grad[3], False])
+    grad_low = None
+    if ctx.needs_input_grad[0]:
+        grad_low = torch.ops.aten.upsample_bilinear2d_backward(
+            grad_up, list(high.shape[-2:]), list(low.shape), ctx.align_corners)
+    grad_weight_high = None if grad_weight_high is None else grad_weight_high.reshape(weight_high.shape)
+    grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
+    return grad_low, grad_high, grad_weight_low, grad_weight_high, grad_bias, None, None
+
+
+def _register_cff_ops():
+    names = ["icnet::cascade_feature_fusion_triton"]
+    if native_available():
+        names.append("icnet::cascade_feature_fusion")
+    for name in names:
+        torch.library.register_fake(name)(_cff_fake)
+        torch.library.register_autograd(name, _cff_backward, setup_context=_cff_setup_context)
+
+
+_register_cff_ops()

@@ -10,4 +10,10 @@ namespace icnet {
 CffShape make_cff_shape(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
                         const at::Tensor& weight_high, const at::Tensor& bias, int64_t dilation, bool align_corners);
 
+// The output's layout: channels_last when high is channels_last (and not also plainly contiguous), else NCHW.
+inline at::MemoryFormat cff_output_format(const at::Tensor& high) {
+  return high.is_contiguous(at::MemoryFormat::ChannelsLast) && !high.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                     : at::MemoryFormat::Contiguous;
+}
+
 }  // namespace icnet

@@ -63,7 +63,7 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
   const int64_t out_sn = out.stride(0), out_sc = out.stride(1), out_sh = out.stride(2), out_sw = out.stride(3);
 
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> plane(H * W), reduced_w(H * rows), pooled(rows * rows), expanded_h(H * rows), out_row(W);
+    std::vector<T> plane(H * W), reduced_h(rows * W), pooled(rows * rows), expanded_h(H * rows), out_row(W);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       const scalar_t* x = src + n * in_sn + c * in_sc;
@@ -71,22 +71,26 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) plane[h * W + w] = static_cast<T>(x[h * in_sh + w * in_sw]);
       }
-      // reduced_w[h, j] = sum_w plane[h, w] * reduce_w[j, w]
-      for (int64_t h = 0; h < H; ++h) {
-        const T* prow = plane.data() + h * W;
-        for (int j = 0; j < rows; ++j) {
-          const T* wrow = reduce_w.row(j);
-          T acc = T(0);
-          for (int64_t w = reduce_w.lo[j]; w < reduce_w.hi[j]; ++w) acc += prow[w] * wrow[w];
-          reduced_w[h * rows + j] = acc;
+      // reduced_h[i, w] = sum_h reduce_h[i, h] * plane[h, w]: whole rows at a time, so the inner loop
+      // runs along w with independent lanes and vectorises.
+      for (int i = 0; i < rows; ++i) {
+        T* acc = reduced_h.data() + i * W;
+        std::fill(acc, acc + W, T(0));
+        const T* hrow = reduce_h.row(i);
+        for (int64_t h = reduce_h.lo[i]; h < reduce_h.hi[i]; ++h) {
+          const T weight = hrow[h];
+          const T* prow = plane.data() + h * W;
+          for (int64_t w = 0; w < W; ++w) acc[w] += weight * prow[w];
         }
       }
-      // pooled[i, j] = sum_h reduce_h[i, h] * reduced_w[h, j], for i and j of the same bin
+      // pooled[i, j] = sum_w reduced_h[i, w] * reduce_w[j, w], for i and j of the same bin
       for (int i = 0; i < rows; ++i) {
-        const T* hrow = reduce_h.row(i);
+        const T* rrow = reduced_h.data() + i * W;
         for (int j = bin_begin[i]; j < bin_end[i]; ++j) {
+          const T* wrow = reduce_w.row(j);
           T acc = T(0);
-          for (int64_t h = reduce_h.lo[i]; h < reduce_h.hi[i]; ++h) acc += hrow[h] * reduced_w[h * rows + j];
+#pragma omp simd reduction(+ : acc)
+          for (int64_t w = reduce_w.lo[j]; w < reduce_w.hi[j]; ++w) acc += rrow[w] * wrow[w];
           pooled[i * rows + j] = acc;
         }
       }
