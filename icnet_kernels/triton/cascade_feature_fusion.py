@@ -1,0 +1,203 @@
+"""Cascade feature fusion in Triton: one implicit GEMM per output tile.
+
+A program computes a [BLOCK_M pixels x BLOCK_N output channels] tile of
+    relu(conv3x3_dil(up(low)) + weight_high . high + bias)
+with the reduction running over the nine dilated taps of up(low) (each A tile interpolated on the fly
+from low's four bilinear sources: the upsampled map is never written) and then over high's channels.
+Tensor cores serve float16/bfloat16 (float32 accumulation); float32 runs at full precision.
+
+For ICNet's exact 2x zoom with dilation 2 (csrc/common/cff_geometry.h) the same kernel runs three times:
+the 3x3 conv at low resolution; the full-resolution pass (projection GEMM plus a bilinear gather of that
+conv, bias and ReLU) for all pixels but the border rows/columns; and the direct conv for those.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                 (64, 64, 32, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)]
+    ]
+
+
+@triton.jit
+def _source_index(dst, in_size, scale, ALIGN: tl.constexpr):
+    """Bilinear source (i0, i1, weight of i1) in PyTorch's arithmetic, as csrc/common/resize.h."""
+    if ALIGN:
+        src = dst.to(tl.float32) * scale
+    else:
+        src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
+    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    i1 = tl.minimum(i0 + 1, in_size - 1)
+    return i0, i1, lam
+
+
+@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "H", "W", "HAS_TAPS", "HAS_PROJ", "USE_PIXEL_LIST"])
+@triton.jit
+def _cascade_feature_fusion_fwd_kernel(
+    low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, pixel_ptr, out_ptr,
+    Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,
+    s_ln, s_lc, s_ly, s_lx, s_hn, s_hc, s_hy, s_hx, s_gn, s_gc, s_gy, s_gx, s_on, s_oc, s_oy, s_ox,
+    ALIGN: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr, ADD_GATHER: tl.constexpr,
+    USE_PIXEL_LIST: tl.constexpr, SKIP_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < num_pixels
+    if USE_PIXEL_LIST:
+        pixel = tl.load(pixel_ptr + offs_m, mask=m_ok, other=0)
+    else:
+        pixel = offs_m
+    y = pixel // W
+    x = pixel % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Co
+    dot_dtype = low_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_TAPS:
+        low_n = low_ptr + n * s_ln
+        for tap in tl.static_range(9):
+            ys = y + (tap // 3 - 1) * dilation
+            xs = x + (tap % 3 - 1) * dilation
+            inside = m_ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+            y0, y1, ly = _source_index(tl.minimum(tl.maximum(ys, 0), H - 1), h, scale_y, ALIGN)
+            x0, x1, lx = _source_index(tl.minimum(tl.maximum(xs, 0), W - 1), w, scale_x, ALIGN)
+            w00 = ((1.0 - ly) * (1.0 - lx))[:, None]
+            w01 = ((1.0 - ly) * lx)[:, None]
+            w10 = (ly * (1.0 - lx))[:, None]
+            w11 = (ly * lx)[:, None]
+            o00 = (y0 * s_ly + x0 * s_lx)[:, None]
+            o01 = (y0 * s_ly + x1 * s_lx)[:, None]
+            o10 = (y1 * s_ly + x0 * s_lx)[:, None]
+            o11 = (y1 * s_ly + x1 * s_lx)[:, None]
+            for c0 in range(0, Cl, BLOCK_K):
+                cs = c0 + tl.arange(0, BLOCK_K)
+                a_mask = inside[:, None] & (cs < Cl)[None, :]
+                channel = low_n + cs[None, :].to(tl.int64) * s_lc
+                a = (w00 * tl.load(channel + o00, mask=a_mask, other=0.0).to(tl.float32)
+                     + w01 * tl.load(channel + o01, mask=a_mask, other=0.0).to(tl.float32)
+                     + w10 * tl.load(channel + o10, mask=a_mask, other=0.0).to(tl.float32)
+                     + w11 * tl.load(channel + o11, mask=a_mask, other=0.0).to(tl.float32))
+                b = tl.load(w_low_ptr + (tap * Cl + cs)[:, None] * Co + offs_n[None, :],
+                            mask=(cs < Cl)[:, None] & n_ok[None, :], other=0.0)
+                acc += tl.dot(a.to(dot_dtype), b, input_precision=PRECISION)
+
+    if HAS_PROJ:
+        pixel_offset = (y * s_hy + x * s_hx)[:, None]
+        high_n = high_ptr + n * s_hn
+        for c0 in range(0, Ch, BLOCK_K):
+            cs = c0 + tl.arange(0, BLOCK_K)
+            a = tl.load(high_n + cs[None, :].to(tl.int64) * s_hc + pixel_offset,
+                        mask=m_ok[:, None] & (cs < Ch)[None, :], other=0.0)
+            b = tl.load(w_high_ptr + cs[:, None] * Co + offs_n[None, :], mask=(cs < Ch)[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    if ADD_GATHER:  # bilinear gather of the low-resolution conv (exact 2x zoom, align_corners)
+        y0, y1, ly = _source_index(y, h, zoom_y, True)
+        x0, x1, lx = _source_index(x, w, zoom_x, True)
+        g = gather_ptr + n * s_gn + offs_n[None, :].to(tl.int64) * s_gc
+        acc += ((1.0 - ly) * (1.0 - lx))[:, None] * tl.load(g + (y0 * s_gy + x0 * s_gx)[:, None], mask=tile_ok, other=0.0)
+        acc += ((1.0 - ly) * lx)[:, None] * tl.load(g + (y0 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
+        acc += (ly * (1.0 - lx))[:, None] * tl.load(g + (y1 * s_gy + x0 * s_gx)[:, None], mask=tile_ok, other=0.0)
+        acc += (ly * lx)[:, None] * tl.load(g + (y1 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
+
+    if EPILOGUE:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.maximum(acc, 0.0)
+    if SKIP_BORDER:  # these pixels are written by the direct-conv launch
+        interior = (y != 1) & (y != H - 2) & (x != 1) & (x != W - 2)
+        tile_ok = tile_ok & interior[:, None]
+    out = out_ptr + n * s_on + offs_n[None, :].to(tl.int64) * s_oc + (y * s_oy + x * s_ox)[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def exact_shortcut(h, w, H, W, dilation, align_corners) -> bool:
+    """Python twin of cff_exact_shortcut in csrc/common/cff_geometry.h."""
+    return align_corners and dilation == 2 and H == 2 * h - 1 and W == 2 * w - 1 and H >= 3 and W >= 3
+
+
+@functools.lru_cache(maxsize=32)
+def _border_pixels(height, width, device):
+    """Flat indices y*W+x of the pixels the shortcut cannot produce (rows 1, H-2; columns 1, W-2)."""
+    y = torch.arange(height, device=device)[:, None]
+    x = torch.arange(width, device=device)[None, :]
+    border = (y == 1) | (y == height - 2) | (x == 1) | (x == width - 2)
+    return torch.nonzero(border.flatten()).flatten().to(torch.int32)
+
+
+def _scale(in_size, out_size, align_corners):
+    """resize_scale of csrc/common/resize.h."""
+    if align_corners:
+        return (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    return in_size / out_size
+
+
+def _launch(low, high, w_low, w_high, bias, gather, pixels, out, *, resize_to, dilation, align_corners,
+            taps, proj, add_gather, skip_border, epilogue):
+    n, co, height, width = out.shape
+    cl, h, w = low.shape[1:]
+    num_pixels = pixels.numel() if pixels is not None else height * width
+    dummy = out  # stands in for absent operands; never read
+    grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]), n)  # noqa: E731
+    ch = high.shape[1] if high is not None else 0
+    _cascade_feature_fusion_fwd_kernel[grid](
+        low, high if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
+        bias if bias is not None else dummy, gather if gather is not None else dummy,
+        pixels if pixels is not None else dummy, out,
+        cl, h, w, ch, height, width, co, num_pixels, dilation,
+        _scale(h, resize_to[0], align_corners), _scale(w, resize_to[1], align_corners),
+        _scale(h, height, True), _scale(w, width, True),
+        *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
+        *(gather.stride() if gather is not None else (0, 0, 0, 0)), *out.stride(),
+        ALIGN=align_corners, HAS_TAPS=taps, HAS_PROJ=proj, ADD_GATHER=add_gather,
+        USE_PIXEL_LIST=pixels is not None, SKIP_BORDER=skip_border, EPILOGUE=epilogue,
+        PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
+    )
+
+
+def _output_like(high, n, co, height, width, dtype):
+    out = torch.empty((n, co, height, width), dtype=dtype, device=high.device)
+    if not high.is_contiguous() and high.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dilation: int, align_corners: bool):
+    """relu(conv3x3_dil(up(low), weight_low) + weight_high . high + bias); weights already BN-folded."""
+    n, cl, h, w = low.shape
+    _, ch, height, width = high.shape
+    co = weight_low.shape[0]
+    out = _output_like(high, n, co, height, width, low.dtype)
+    if out.numel() == 0:
+        return out
+    w_low = weight_low.permute(2, 3, 1, 0).reshape(9 * cl, co).contiguous()  # [tap, Cl] x Co, tap-major
+    w_high = weight_high.t().contiguous()                                       # Ch x Co
+    if not exact_shortcut(h, w, height, width, dilation, align_corners):
+        _launch(low, high, w_low, w_high, bias, None, None, out, resize_to=(height, width), dilation=dilation,
+                align_corners=align_corners, taps=True, proj=True, add_gather=False, skip_border=False, epilogue=True)
+        return out
+    conv_low = torch.empty((n, co, h, w), dtype=torch.float32, device=low.device)
+    _launch(low, None, w_low, None, None, None, None, conv_low, resize_to=(h, w), dilation=1, align_corners=True,
+            taps=True, proj=False, add_gather=False, skip_border=False, epilogue=False)
+    _launch(low, high, w_low, w_high, bias, conv_low, None, out, resize_to=(height, width), dilation=dilation,
+            align_corners=True, taps=False, proj=True, add_gather=True, skip_border=True, epilogue=True)
+    _launch(low, high, w_low, w_high, bias, None, _border_pixels(height, width, low.device), out,
+            resize_to=(height, width), dilation=dilation, align_corners=True, taps=True, proj=True,
+            add_gather=False, skip_border=False, epilogue=True)
+    return out
