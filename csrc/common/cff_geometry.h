@@ -33,6 +33,27 @@ ICNET_HD bool cff_shortcut_border(int64_t y, int64_t x, int64_t H, int64_t W) {
   return y == 1 || y == H - 2 || x == 1 || x == W - 2;
 }
 
+// The shortcut's border pixels, enumerated without a list: the whole rows 1 and H-2 first, then columns 1
+// and W-2 of every other row (H, W >= 3).
+ICNET_HD int64_t cff_border_count(int64_t H, int64_t W) {
+  const int64_t rows = H - 2 != 1 ? 2 : 1, cols = W - 2 != 1 ? 2 : 1;
+  return rows * W + (H - rows) * cols;
+}
+
+ICNET_HD void cff_border_pixel(int64_t p, int64_t H, int64_t W, int64_t& y, int64_t& x) {
+  const int64_t rows = H - 2 != 1 ? 2 : 1, cols = W - 2 != 1 ? 2 : 1;
+  if (p < rows * W) {
+    y = p / W == 0 ? 1 : H - 2;
+    x = p % W;
+    return;
+  }
+  const int64_t q = p - rows * W;
+  y = q / cols;  // the y-th row that is not a border row: skip row 1, then row H-2
+  if (y >= 1) ++y;
+  if (rows == 2 && y >= H - 2) ++y;
+  x = q % cols == 0 ? 1 : W - 2;
+}
+
 // The source offset of 3x3 tap index t (0..2) along an axis at dilation d.
 ICNET_HD int64_t cff_tap_offset(int t, int64_t d) { return (t - 1) * d; }
 
