@@ -1,0 +1,89 @@
+"""Building blocks of ICNet, each with plain Conv2d/BatchNorm2d parameters.
+
+ConvBN folds its BatchNorm into the convolution when the model is built "fused" and BN uses running
+statistics; the fold is cached and recomputed only when a parameter or statistic changes.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icnet_kernels.nn import batch_statistics, folded_batch_norm
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> BatchNorm -> optional ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, relu: bool = True,
+                 fused: bool = False):
+        super().__init__()
+        padding = dilation * (kernel // 2)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = relu
+        self.fused = fused
+        self._folded = None  # (versions, weight, bias)
+
+    def _fold(self):
+        scale, shift = folded_batch_norm(self.bn)
+        return self.conv.weight * scale.reshape(-1, 1, 1, 1), shift
+
+    def _folded_params(self):
+        """The BN-folded (weight, bias); cached for inference, recomputed when a tensor changes."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._fold()  # training through a frozen BN: the fold stays in the autograd graph
+        tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        versions = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._folded is None or self._folded[0] != versions:
+            self._folded = (versions, *self._fold())
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not batch_statistics(self.bn):
+            weight, bias = self._folded_params()
+            y = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), self.conv.stride, self.conv.padding,
+                         self.conv.dilation)
+        else:
+            y = self.bn(self.conv(x))
+        return F.relu(y, inplace=True) if self.relu else y
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck as in PSPNet's Caffe model: 1x1 reduce (carrying the stride), 3x3 (dilated),
+    1x1 increase, projection shortcut when the shape changes, ReLU after the sum."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, dilation: int = 1, fused: bool = False):
+        super().__init__()
+        self.reduce = ConvBN(cin, mid, 1, stride, fused=fused)
+        self.conv3x3 = ConvBN(mid, mid, 3, 1, dilation, fused=fused)
+        self.increase = ConvBN(mid, cout, 1, relu=False, fused=fused)
+        self.proj = ConvBN(cin, cout, 1, stride, relu=False, fused=fused) if (cin != cout or stride != 1) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.proj is None else self.proj(x)
+        return F.relu(self.increase(self.conv3x3(self.reduce(x))) + shortcut)
+
+
+def caffe_resize(x: torch.Tensor, zoom: int | None = None, shrink: int | None = None, size=None) -> torch.Tensor:
+    """Caffe's Interp layer: bilinear with align_corners=True; zoom z gives (H-1)*z+1, shrink s (H-1)/s+1."""
+    if size is None:
+        h, w = x.shape[-2:]
+        size = ((h - 1) * zoom + 1, (w - 1) * zoom + 1) if zoom else ((h - 1) // shrink + 1, (w - 1) // shrink + 1)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class ReferenceCascadeFeatureFusion(nn.Module):
+    """The cascade feature fusion unit as separate plain layers; same parameter names as the fused
+    icnet_kernels.CascadeFeatureFusion, so the two share state_dicts."""
+
+    def __init__(self, low_channels: int, high_channels: int, out_channels: int, dilation: int = 2):
+        super().__init__()
+        self.conv_low = nn.Conv2d(low_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn_low = nn.BatchNorm2d(out_channels)
+        self.conv_high = nn.Conv2d(high_channels, out_channels, 1, bias=False)
+        self.bn_high = nn.BatchNorm2d(out_channels)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor, return_upsampled: bool = False):
+        up = caffe_resize(low, size=high.shape[-2:])
+        out = F.relu(self.bn_low(self.conv_low(up)) + self.bn_high(self.conv_high(high)))
+        return (out, up) if return_upsampled else out

@@ -1,0 +1,116 @@
+"""ICNet, as released by its authors (icnet_cityscapes.prototxt), in two builds sharing one state_dict:
+"reference" (plain PyTorch layers) and "fused" (icnet_kernels' pyramid pooling and cascade feature
+fusion ops, BatchNorm folded into the convolutions in inference)."""
+
+import torch
+from torch import nn
+
+import icnet_kernels
+from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize
+
+MODES = ("sub4", "sub24", "sub124")
+PPM_BINS = (1, 2, 3, 6)
+# The released model's pyramid pooling for its 33x65 map (1025x2049 input); other sizes pool adaptively.
+RELEASED_PPM_MAP = (33, 65)
+RELEASED_PPM_KERNELS = ((33, 65), (17, 33), (13, 25), (8, 15))
+RELEASED_PPM_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
+
+
+def _stage(cin, mid, cout, blocks, stride=1, dilation=1, fused=False):
+    layers = [Bottleneck(cin, mid, cout, stride, dilation, fused)]
+    layers += [Bottleneck(cout, mid, cout, 1, dilation, fused) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class PyramidPooling(nn.Module):
+    """Summed pyramid pooling with the released geometry on a 33x65 map, adaptive pooling elsewhere
+    (on maps smaller than a bin, that bin shrinks to the map's shorter side)."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.backend = None if fused else "reference"
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if (height, width) == RELEASED_PPM_MAP:
+            return icnet_kernels.pyramid_pool_sum(x, PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES,
+                                                  align_corners=True, backend=self.backend)
+        bins = tuple(min(b, height, width) for b in PPM_BINS)
+        return icnet_kernels.pyramid_pool_sum(x, bins, align_corners=True, backend=self.backend)
+
+
+class ICNet(nn.Module):
+    """ICNet for semantic segmentation.
+
+    width: channel multiplier relative to PSPNet50 (0.5 is the released "half compressed" model).
+    mode: "sub4", "sub24" or "sub124" (the paper's ablation), the branch whose logits eval returns.
+    fused: run icnet_kernels' fused ops and fold BatchNorm in inference; False builds plain layers.
+    In training mode forward returns the cascade outputs (logits at 1/16, 1/8, 1/4 of the input) for
+    cascade label guidance; in eval mode the chosen mode's logits resized to the input size.
+    """
+
+    def __init__(self, num_classes: int = 19, width: float = 0.5, mode: str = "sub124", fused: bool = True):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        self.num_classes, self.width, self.mode, self.fused = num_classes, width, mode, fused
+
+        def c(channels):  # PSPNet50's width scaled
+            return max(1, int(round(channels * width)))
+
+        f = fused
+        # shared trunk on the half-resolution image, up to conv3_1 (1/16)
+        self.conv1 = nn.Sequential(ConvBN(3, c(64), 3, 2, fused=f), ConvBN(c(64), c(64), 3, fused=f),
+                                   ConvBN(c(64), c(128), 3, fused=f))
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = _stage(c(128), c(64), c(256), 3, fused=f)
+        self.conv3_1 = _stage(c(256), c(128), c(512), 1, stride=2, fused=f)
+        # 1/32 branch on conv3_1's features resized by 1/2
+        self.conv3_rest = _stage(c(512), c(128), c(512), 3, fused=f)
+        self.conv4 = _stage(c(512), c(256), c(1024), 6, dilation=2, fused=f)
+        self.conv5 = _stage(c(1024), c(512), c(2048), 3, dilation=4, fused=f)
+        self.ppm = PyramidPooling(fused)
+        self.conv5_4 = ConvBN(c(2048), c(512), 1, fused=f)
+        # full-resolution branch (1/8)
+        self.sub1 = nn.Sequential(ConvBN(3, c(64), 3, 2, fused=f), ConvBN(c(64), c(64), 3, 2, fused=f),
+                                  ConvBN(c(64), c(128), 3, 2, fused=f))
+        cff = icnet_kernels.CascadeFeatureFusion if fused else ReferenceCascadeFeatureFusion
+        self.cff_sub24 = cff(c(512), c(512), c(256), 2)
+        self.cff_sub12 = cff(c(256), c(128), c(256), 2)
+        self.cls_sub4 = nn.Conv2d(c(512), num_classes, 1)    # on up(conv5_4), 1/16: training and mode sub4
+        self.cls_sub24 = nn.Conv2d(c(256), num_classes, 1)   # on up(sub24), 1/8: training and mode sub24
+        self.cls_sub124 = nn.Conv2d(c(256), num_classes, 1)  # on up(sub12), 1/4
+
+    def forward(self, image: torch.Tensor):
+        sub2 = caffe_resize(image, shrink=2)
+        x = self.conv2(self.pool1(self.conv1(sub2)))
+        conv3_1 = self.conv3_1(x)
+        x = self.conv3_rest(caffe_resize(conv3_1, shrink=2))
+        x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
+        need_all = self.training
+        if self.mode == "sub4" and not need_all:
+            return caffe_resize(self.cls_sub4(caffe_resize(x, zoom=2)), size=image.shape[-2:])
+        sub24, up_sub4 = self.cff_sub24(x, conv3_1, return_upsampled=True)
+        if self.mode == "sub24" and not need_all:
+            return caffe_resize(self.cls_sub24(caffe_resize(sub24, size=self._eighth(image))), size=image.shape[-2:])
+        sub1 = self.sub1(image)
+        sub12, up_sub24 = self.cff_sub12(sub24, sub1, return_upsampled=True)
+        logits = self.cls_sub124(caffe_resize(sub12, zoom=2))
+        if need_all:
+            return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), logits
+        return caffe_resize(logits, size=image.shape[-2:])
+
+    @staticmethod
+    def _eighth(image):
+        """Size of the 1/8 maps: three stride-2 3x3 convs with padding 1 on the full image."""
+        h, w = image.shape[-2:]
+        for _ in range(3):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        return h, w
+
+
+def icnet_cityscapes(fused: bool = True, mode: str = "sub124") -> ICNet:
+    """The released configuration: 19 Cityscapes classes, half width."""
+    return ICNet(num_classes=19, width=0.5, mode=mode, fused=fused)

@@ -1,0 +1,75 @@
+"""icnet segment: run ICNet on images and write class maps (trainIds) and colour overlays."""
+
+import sys
+import time
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from icnet import cityscapes
+from icnet.checkpoint import load_checkpoint
+from icnet.images import find_images, preprocess, read_rgb, write_label_map, write_overlay
+from icnet.model import ICNet
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def best_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(weights, mode: str, device, dtype, channels_last: bool):
+    if weights is None:
+        print("icnet: no --weights given: the model is untrained and its output is meaningless "
+              "(useful only to check the pipeline and measure speed)", file=sys.stderr)
+        model, class_names = ICNet(mode=mode), cityscapes.CLASS_NAMES
+    else:
+        model, payload = load_checkpoint(weights, mode=mode)
+        class_names = payload["class_names"] or cityscapes.CLASS_NAMES
+    model = model.eval().to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, class_names
+
+
+def _batches(images, batch_size):
+    """Consecutive images of one size, at most batch_size at a time."""
+    for _, same_size in groupby(images, key=lambda item: item[1].shape):
+        same_size = list(same_size)
+        for i in range(0, len(same_size), batch_size):
+            yield same_size[i:i + batch_size]
+
+
+def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="float32", batch_size=1,
+            channels_last=False) -> list[tuple[Path, float]]:
+    """Segments every image under paths; returns (image, milliseconds of model time per image)."""
+    device = torch.device(device) if device else best_device()
+    model, class_names = build_model(weights, mode, device, DTYPES[dtype], channels_last)
+    palette = cityscapes.PALETTE if len(class_names) == len(cityscapes.PALETTE) else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = find_images(paths)
+    latencies = []
+    with tqdm(total=len(files), desc="segment", unit="image", file=sys.stderr) as progress:
+        for batch in _batches(((path, read_rgb(path)) for path in files), batch_size):
+            x = torch.stack([preprocess(rgb) for _, rgb in batch]).to(device=device, dtype=DTYPES[dtype])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                labels = model(x).argmax(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_image_ms = (time.perf_counter() - start) * 1e3 / len(batch)
+            for (path, rgb), label in zip(batch, labels.to(torch.uint8).cpu().numpy()):
+                write_label_map(out_dir / f"{path.stem}_trainIds.png", label)
+                if palette is not None:
+                    write_overlay(out_dir / f"{path.stem}_overlay.png", rgb, label, palette)
+                latencies.append((path, per_image_ms))
+                print(f"{path}\t{per_image_ms:.1f} ms")
+            progress.update(len(batch))
+    return latencies
