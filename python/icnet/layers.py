@@ -1,7 +1,9 @@
 """Building blocks of ICNet, each with plain Conv2d/BatchNorm2d parameters.
 
 ConvBN folds its BatchNorm into the convolution when the model is built "fused" and BN uses running
-statistics; the fold is cached and recomputed only when a parameter or statistic changes.
+statistics; the fold is cached and recomputed only when a parameter or statistic changes. In inference
+on the CPU the fused build also hands the ReLU and the residual sum to oneDNN as post-ops of the
+convolution (the path torch.compile's CPU backend takes), so they cost no pass over memory of their own.
 """
 
 import torch
@@ -38,14 +40,34 @@ class ConvBN(nn.Module):
             self._folded = (versions, *self._fold())
         return self._folded[1], self._folded[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv -> BN (-> + residual) (-> ReLU)."""
         if self.fused and not batch_statistics(self.bn):
             weight, bias = self._folded_params()
-            y = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), self.conv.stride, self.conv.padding,
-                         self.conv.dilation)
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+            if _onednn_post_ops(x):
+                return _conv_post_ops(x, weight, bias, self.conv, self.relu, residual)
+            y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation)
         else:
             y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
         return F.relu(y, inplace=True) if self.relu else y
+
+
+def _onednn_post_ops(x: torch.Tensor) -> bool:
+    """oneDNN's fused conv epilogues serve CPU inference in float32 and bfloat16."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+
+
+def _conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    unary = "relu" if relu else "none"
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, unary, [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", None,
+                                                          unary if relu else None, [], "")
 
 
 class Bottleneck(nn.Module):
@@ -56,12 +78,12 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.reduce = ConvBN(cin, mid, 1, stride, fused=fused)
         self.conv3x3 = ConvBN(mid, mid, 3, 1, dilation, fused=fused)
-        self.increase = ConvBN(mid, cout, 1, relu=False, fused=fused)
+        self.increase = ConvBN(mid, cout, 1, relu=True, fused=fused)  # ReLU after the residual sum
         self.proj = ConvBN(cin, cout, 1, stride, relu=False, fused=fused) if (cin != cout or stride != 1) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.proj is None else self.proj(x)
-        return F.relu(self.increase(self.conv3x3(self.reduce(x))) + shortcut)
+        return self.increase(self.conv3x3(self.reduce(x)), residual=shortcut)
 
 
 def caffe_resize(x: torch.Tensor, zoom: int | None = None, shrink: int | None = None, size=None) -> torch.Tensor:

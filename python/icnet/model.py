@@ -89,18 +89,28 @@ class ICNet(nn.Module):
         conv3_1 = self.conv3_1(x)
         x = self.conv3_rest(caffe_resize(conv3_1, shrink=2))
         x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
-        need_all = self.training
-        if self.mode == "sub4" and not need_all:
-            return caffe_resize(self.cls_sub4(caffe_resize(x, zoom=2)), size=image.shape[-2:])
+        if self.mode == "sub4" and not self.training:
+            return self._logits(self.cls_sub4, x, _zoom2(x), image)
         sub24, up_sub4 = self.cff_sub24(x, conv3_1, return_upsampled=True)
-        if self.mode == "sub24" and not need_all:
-            return caffe_resize(self.cls_sub24(caffe_resize(sub24, size=self._eighth(image))), size=image.shape[-2:])
+        if self.mode == "sub24" and not self.training:
+            return self._logits(self.cls_sub24, sub24, self._eighth(image), image)
         sub1 = self.sub1(image)
         sub12, up_sub24 = self.cff_sub12(sub24, sub1, return_upsampled=True)
-        logits = self.cls_sub124(caffe_resize(sub12, zoom=2))
-        if need_all:
-            return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), logits
-        return caffe_resize(logits, size=image.shape[-2:])
+        if not self.training:
+            return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image)
+        return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), self.cls_sub124(caffe_resize(sub12, zoom=2))
+
+    def _logits(self, classifier, features, size, image):
+        """classifier(resize(features, size)) resized to the image.
+
+        The fused build classifies first when size is the exact 2x zoom: a 1x1 conv commutes with bilinear
+        resizing (its weights sum to one), and the exact zoom followed by a resize to the image equals one
+        resize to the image (both are piecewise-linear interpolation through the same samples, align_corners),
+        so the result is the same with the classifier run on a quarter of the pixels and one resize less.
+        """
+        if self.fused and tuple(size) == _zoom2(features):
+            return caffe_resize(classifier(features), size=image.shape[-2:])
+        return caffe_resize(classifier(caffe_resize(features, size=size)), size=image.shape[-2:])
 
     @staticmethod
     def _eighth(image):
@@ -109,6 +119,12 @@ class ICNet(nn.Module):
         for _ in range(3):
             h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         return h, w
+
+
+def _zoom2(x) -> tuple[int, int]:
+    """Size of Caffe's exact 2x zoom of x: 2H-1 x 2W-1."""
+    h, w = x.shape[-2:]
+    return 2 * h - 1, 2 * w - 1
 
 
 def icnet_cityscapes(fused: bool = True, mode: str = "sub124") -> ICNet:
