@@ -65,8 +65,13 @@ def _flat(pairs) -> list[int]:
     return [] if pairs is None else [v for pair in pairs for v in pair]
 
 
-def _unflat(values) -> tuple[Pair, ...] | None:
-    return None if not values else tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+def _unflat_checked(values, name: str, bins: int) -> tuple[Pair, ...] | None:
+    """The schema's flat [h0, w0, h1, w1, ...] list back into pairs, checking its length."""
+    if not values:
+        return None
+    if len(values) != 2 * bins:
+        raise ValueError(f"{name} must hold one (h, w) pair per bin ({2 * bins} numbers), got {len(values)}")
+    return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
 
 
 def pyramid_pool_sum(x: torch.Tensor, bins: Sequence[int] = (1, 2, 3, 6),
@@ -107,15 +112,18 @@ def _pyramid_autograd(forward_op, adjoint_op):
 def _pyramid_pool_sum_triton(x: torch.Tensor, bins: list[int], kernel_sizes: list[int], strides: list[int],
                              align_corners: bool) -> torch.Tensor:
     from icnet_kernels.triton.pyramid_pool_sum import pyramid_pool_sum_triton
-    return pyramid_pool_sum_triton(x, bins, _unflat(kernel_sizes), _unflat(strides), align_corners)
+    bins, kernels, steps = _pyramid_geometry(x, bins, _unflat_checked(kernel_sizes, "kernel_sizes", len(bins)),
+                                             _unflat_checked(strides, "strides", len(bins)))
+    return pyramid_pool_sum_triton(x, bins, kernels, steps, align_corners)
 
 
 @torch.library.custom_op("icnet::pyramid_pool_sum_backward_triton", mutates_args=())
 def _pyramid_pool_sum_backward_triton(grad_out: torch.Tensor, bins: list[int], kernel_sizes: list[int],
                                       strides: list[int], align_corners: bool) -> torch.Tensor:
     from icnet_kernels.triton.pyramid_pool_sum import pyramid_pool_sum_triton
-    return pyramid_pool_sum_triton(grad_out, bins, _unflat(kernel_sizes), _unflat(strides), align_corners,
-                                   adjoint=True)
+    bins, kernels, steps = _pyramid_geometry(grad_out, bins, _unflat_checked(kernel_sizes, "kernel_sizes", len(bins)),
+                                             _unflat_checked(strides, "strides", len(bins)))
+    return pyramid_pool_sum_triton(grad_out, bins, kernels, steps, align_corners, adjoint=True)
 
 
 def _register_pyramid_ops():
@@ -219,6 +227,12 @@ def _cascade_feature_fusion_triton(low: torch.Tensor, high: torch.Tensor, weight
                                    weight_high: torch.Tensor, bias: torch.Tensor, dilation: int,
                                    align_corners: bool) -> torch.Tensor:
     from icnet_kernels.triton.cascade_feature_fusion import cascade_feature_fusion_triton
+    co = _check_cff(low, high, weight_low, weight_high, dilation)
+    if weight_high.dim() != 2:
+        raise ValueError(f"weight_high must be [{co}, {high.shape[1]}] (folded, 2-D), got {tuple(weight_high.shape)}")
+    if bias.shape != (co,) or bias.dtype != low.dtype or bias.device != low.device:
+        raise ValueError(f"bias must be [{co}] with low's dtype and device, got {tuple(bias.shape)} {bias.dtype} "
+                         f"on {bias.device}")
     return cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dilation, align_corners)
 
 
@@ -244,18 +258,19 @@ def _cff_backward(ctx, grad):
     low, high, weight_low, weight_high, out = ctx.saved_tensors
     d = ctx.dilation
     grad = grad * (out > 0)
-    up = torch.nn.functional.interpolate(low, size=high.shape[-2:], mode="bilinear", align_corners=ctx.align_corners)
+    # The resize's own autograd gives low's gradient: calling upsample_bilinear2d_backward directly fails
+    # under dynamic shapes (torch.compile, opcheck) in current torch releases.
+    with torch.enable_grad():
+        low_leaf = low.detach().requires_grad_(ctx.needs_input_grad[0])
+        up = torch.nn.functional.interpolate(low_leaf, size=high.shape[-2:], mode="bilinear",
+                                             align_corners=ctx.align_corners)
     grad_up, grad_weight_low, _ = torch.ops.aten.convolution_backward(
-        grad, up, weight_low, None, [1, 1], [d, d], [d, d], False, [0, 0], 1,
+        grad, up.detach(), weight_low, None, [1, 1], [d, d], [d, d], False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
-    weight_high_4d = weight_high[:, :, None, None]
     grad_high, grad_weight_high, _ = torch.ops.aten.convolution_backward(
-        grad, high, weight_high_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        grad, high, weight_high[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [ctx.needs_input_grad[1], ctx.needs_input_grad[3], False])
-    grad_low = None
-    if ctx.needs_input_grad[0]:
-        grad_low = torch.ops.aten.upsample_bilinear2d_backward(
-            grad_up, list(high.shape[-2:]), list(low.shape), ctx.align_corners)
+    grad_low = torch.autograd.grad(up, low_leaf, grad_up)[0] if ctx.needs_input_grad[0] else None
     grad_weight_high = None if grad_weight_high is None else grad_weight_high.reshape(weight_high.shape)
     grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
     return grad_low, grad_high, grad_weight_low, grad_weight_high, grad_bias, None, None

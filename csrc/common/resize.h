@@ -38,4 +38,12 @@ ICNET_HD LinearTaps<T> linear_taps(int64_t dst, int64_t in_size, T scale, bool a
   return {i0, i1, T(1) - lambda, lambda};
 }
 
+// The taps of output position dst of a resize from in_size to out_size. Equal sizes give the position
+// itself alone, as ATen copies in that case: no zero-weighted neighbour whose NaN could leak.
+template <typename T>
+ICNET_HD LinearTaps<T> resize_taps(int64_t dst, int64_t in_size, int64_t out_size, bool align_corners) {
+  if (in_size == out_size) return {dst, dst, T(1), T(0)};
+  return linear_taps<T>(dst, in_size, resize_scale<T>(in_size, out_size, align_corners), align_corners);
+}
+
 }  // namespace icnet

@@ -39,8 +39,7 @@ template <typename T>
 struct AxisTaps {
   std::vector<LinearTaps<T>> taps;
   AxisTaps(int64_t in_size, int64_t out_size, bool align_corners) {
-    const T scale = resize_scale<T>(in_size, out_size, align_corners);
-    for (int64_t p = 0; p < out_size; ++p) taps.push_back(linear_taps<T>(p, in_size, scale, align_corners));
+    for (int64_t p = 0; p < out_size; ++p) taps.push_back(resize_taps<T>(p, in_size, out_size, align_corners));
   }
 };
 

@@ -88,8 +88,6 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
   }
   __syncthreads();
   if (p.taps) {
-    const T scale_y = resize_scale<T>(p.h, p.H, p.align_corners);
-    const T scale_x = resize_scale<T>(p.w, p.W, p.align_corners);
     for (int e = tid; e < 9 * kTileM; e += kThreads) {
       const int tap = e / kTileM, m = e % kTileM;
       const int64_t y = pixel_y[m] + cff_tap_offset(tap / 3, p.dilation);
@@ -102,8 +100,8 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
         }
         continue;
       }
-      const LinearTaps<T> ty = linear_taps<T>(y, p.h, scale_y, p.align_corners);
-      const LinearTaps<T> tx = linear_taps<T>(x, p.w, scale_x, p.align_corners);
+      const LinearTaps<T> ty = resize_taps<T>(y, p.h, p.H, p.align_corners);
+      const LinearTaps<T> tx = resize_taps<T>(x, p.w, p.W, p.align_corners);
       tap_offset[tap][0][m] = static_cast<int32_t>(ty.i0 * p.low.y + tx.i0 * p.low.x);
       tap_offset[tap][1][m] = static_cast<int32_t>(ty.i0 * p.low.y + tx.i1 * p.low.x);
       tap_offset[tap][2][m] = static_cast<int32_t>(ty.i1 * p.low.y + tx.i0 * p.low.x);
@@ -165,8 +163,6 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
     __syncthreads();
   }
 
-  const T zoom_y = resize_scale<T>(p.h, p.H, true);
-  const T zoom_x = resize_scale<T>(p.w, p.W, true);
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
     const int m = tm * kMicro + i;
@@ -179,8 +175,8 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
       if (co >= p.Co) continue;
       T v = acc[i][j];
       if (p.add_gather) {
-        const LinearTaps<T> ty = linear_taps<T>(y, p.h, zoom_y, true);
-        const LinearTaps<T> tx = linear_taps<T>(x, p.w, zoom_x, true);
+        const LinearTaps<T> ty = resize_taps<T>(y, p.h, p.H, true);
+        const LinearTaps<T> tx = resize_taps<T>(x, p.w, p.W, true);
         const T* g = gather + n * p.gather.n + co * p.gather.c;
         const auto at_g = [&](int64_t yy, int64_t xx) { return static_cast<T>(g[yy * p.gather.y + xx * p.gather.x]); };
         v += ty.w0 * (tx.w0 * at_g(ty.i0, tx.i0) + tx.w1 * at_g(ty.i0, tx.i1)) +
@@ -188,7 +184,7 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
       }
       if (p.epilogue) {
         v += bias[co];
-        v = v > T(0) ? v : T(0);
+        v = v < T(0) ? T(0) : v;  // ReLU that keeps NaN, as torch.relu does
       }
       out[n * p.out.n + co * p.out.c + y * p.out.y + x * p.out.x] = static_cast<out_t>(v);
     }

@@ -48,7 +48,7 @@ def _cascade_feature_fusion_fwd_kernel(
     low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, pixel_ptr, out_ptr,
     Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,
     s_ln, s_lc, s_ly, s_lx, s_hn, s_hc, s_hy, s_hx, s_gn, s_gc, s_gy, s_gx, s_on, s_oc, s_oy, s_ox,
-    ALIGN: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr, ADD_GATHER: tl.constexpr,
+    ALIGN: tl.constexpr, RESIZE: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr, ADD_GATHER: tl.constexpr,
     USE_PIXEL_LIST: tl.constexpr, SKIP_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -74,8 +74,14 @@ def _cascade_feature_fusion_fwd_kernel(
             ys = y + (tap // 3 - 1) * dilation
             xs = x + (tap % 3 - 1) * dilation
             inside = m_ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-            y0, y1, ly = _source_index(tl.minimum(tl.maximum(ys, 0), H - 1), h, scale_y, ALIGN)
-            x0, x1, lx = _source_index(tl.minimum(tl.maximum(xs, 0), W - 1), w, scale_x, ALIGN)
+            ys = tl.minimum(tl.maximum(ys, 0), H - 1)
+            xs = tl.minimum(tl.maximum(xs, 0), W - 1)
+            if RESIZE:
+                y0, y1, ly = _source_index(ys, h, scale_y, ALIGN)
+                x0, x1, lx = _source_index(xs, w, scale_x, ALIGN)
+            else:  # one source: no zero-weighted neighbour, whose NaN would leak (ATen copies in this case too)
+                y0, y1, ly = ys, ys, tl.zeros_like(ys).to(tl.float32)
+                x0, x1, lx = xs, xs, tl.zeros_like(xs).to(tl.float32)
             w00 = ((1.0 - ly) * (1.0 - lx))[:, None]
             w01 = ((1.0 - ly) * lx)[:, None]
             w10 = (ly * (1.0 - lx))[:, None]
@@ -119,7 +125,7 @@ def _cascade_feature_fusion_fwd_kernel(
 
     if EPILOGUE:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # ReLU that keeps NaN, as torch.relu does
     if SKIP_BORDER:  # these pixels are written by the direct-conv launch
         interior = (y != 1) & (y != H - 2) & (x != 1) & (x != W - 2)
         tile_ok = tile_ok & interior[:, None]
@@ -165,7 +171,7 @@ def _launch(low, high, w_low, w_high, bias, gather, pixels, out, *, resize_to, d
         _scale(h, height, True), _scale(w, width, True),
         *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
         *(gather.stride() if gather is not None else (0, 0, 0, 0)), *out.stride(),
-        ALIGN=align_corners, HAS_TAPS=taps, HAS_PROJ=proj, ADD_GATHER=add_gather,
+        ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj, ADD_GATHER=add_gather,
         USE_PIXEL_LIST=pixels is not None, SKIP_BORDER=skip_border, EPILOGUE=epilogue,
         PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
     )
