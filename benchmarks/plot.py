@@ -1,8 +1,9 @@
 """Bar chart of a results file written by benchmarks.run.
 
 python -m benchmarks.plot benchmarks/results/ops-<device>.json writes ops-<device>.png beside it: per op,
-the p50 time of each provider per case (whiskers from p20 to p80), and the share of the copy bandwidth
-measured in the same run that each reaches.
+the p50 time of each provider per case (whiskers from p20 to p80), and how close each comes to the roofline
+floor (the larger of the memory time at the copy bandwidth and the compute time at the dense FLOP rate,
+both measured in the same run).
 """
 
 import argparse
@@ -59,8 +60,8 @@ def write_plot(results_path: Path) -> Path:
         time_axis.set_title(f"{op}: time")
         time_axis.legend(fontsize=8)
         _grouped_bars(roofline_axis, op_rows, cases, providers, "pct_of_roofline_floor")
-        roofline_axis.set_ylabel("% of measured copy bandwidth")
-        roofline_axis.set_title(f"{op}: share of the memory roofline")
+        roofline_axis.set_ylabel("roofline floor as % of p50")
+        roofline_axis.set_title(f"{op}: share of the roofline floor")
     meta = results["meta"]
     figure.suptitle(f"{meta['device']} ({meta['device_kind']}), torch {meta['torch']}, "
                     f"commit {meta['git_commit'][:10]}")

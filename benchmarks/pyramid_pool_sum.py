@@ -1,13 +1,13 @@
 """Benchmark cases and providers for summed pyramid pooling, ICNet's pyramid pooling module."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import Case, Provider
+from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
 from icnet_kernels import pyramid_pool_sum, pyramid_pool_sum_reference
 from icnet_kernels.reference import pyramid_bin_matrices
 
@@ -51,8 +51,10 @@ def _useful_flops(shape: Sequence[int], bins, kernel_sizes, strides, align_corne
 
 def _case(variant: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_sizes, strides) -> Case:
     params = {"bins": BINS, "kernel_sizes": kernel_sizes, "strides": strides, "align_corners": True}
+    # No dense arithmetic: the pooling sums and bilinear blends leave the op bound by its memory traffic.
     return Case(op=NAME, variant=variant, shape=shape, dtype=dtype, params=params,
-                min_bytes=2 * math.prod(shape) * dtype.itemsize, flops=_useful_flops(shape, **params))
+                min_bytes=2 * math.prod(shape) * dtype.itemsize, flops=_useful_flops(shape, **params),
+                dense_flops=0)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -81,26 +83,9 @@ def _eager(case: Case) -> Provider:
     return partial(eager_pyramid_pool_sum, **case.params)
 
 
-def _compiled(mode: str | None) -> Callable[[Case], Provider]:
-    def build(case: Case) -> Provider:
-        # A fresh dynamo cache per case: each case compiles once for its static shape and dtype, and the
-        # cases together stay clear of dynamo's recompile limit.
-        torch._dynamo.reset()
-        return torch.compile(_eager(case), mode=mode, dynamic=False)
-    return build
-
-
-def _icnet(backend: str) -> Callable[[Case], Provider]:
+def _icnet(backend: str) -> ProviderBuilder:
     return lambda case: partial(pyramid_pool_sum, **case.params, backend=backend)
 
 
-def providers(device: torch.device) -> dict[str, Callable[[Case], Provider]]:
-    if device.type == "cpu":
-        return {"eager": _eager, "icnet-native": _icnet("native")}
-    return {
-        "eager": _eager,
-        "compile": _compiled(None),
-        "compile-max-autotune": _compiled("max-autotune-no-cudagraphs"),
-        "icnet-native": _icnet("native"),
-        "icnet-triton": _icnet("triton"),
-    }
+def providers(device: torch.device) -> dict[str, ProviderBuilder]:
+    return standard_providers(device, _eager, _icnet)

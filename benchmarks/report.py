@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import timing
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +47,10 @@ def _version(package: str) -> str | None:
         return None
 
 
-def meta(device: torch.device, copy_gbps: float, quick: bool) -> dict:
+def meta(device: torch.device, copy_gbps: float, dense_tflops: dict[str, dict[str, float]],
+         peak_tflops: dict[str, float], quick: bool) -> dict:
+    side, batch = timing.DENSE_PROBLEMS[device.type]
+    channels, size = timing.CONV_CHANNELS, timing.CONV_MAP
     return {
         "device": device_name(device),
         "device_kind": device.type,
@@ -57,6 +62,12 @@ def meta(device: torch.device, copy_gbps: float, quick: bool) -> dict:
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_gbps": copy_gbps,
+        "peak_tflops": peak_tflops,
+        "dense_tflops": dense_tflops,
+        "dense_problems": {"mm": f"[{side}, {side}] @ [{side}, {side}]",
+                           "conv3x3": f"[{batch}, {channels}, {size}, {size}] conv [{channels}, {channels}, 3, 3], "
+                                      "padding 1"},
+        "float32_mm_is_tf32": timing.fp32_matmul_uses_tf32(device),
         "quick": quick,
     }
 
@@ -82,6 +93,7 @@ _COLUMNS = (
     ("GB/s", "gbps", _number(".3g")),
     ("TFLOP/s", "tflops", _number(".3g")),
     ("% floor", "pct_of_roofline_floor", _number(".3g")),
+    ("bound", "roofline_bound", str),
     ("max abs err", "max_abs_err", _number(".2e")),
     ("max rel err", "max_rel_err", _number(".2e")),
     ("vs eager", "speedup_vs_eager", _number(".2f", "x")),

@@ -8,11 +8,17 @@ and diff it against that reference, then time it. Prints a table to stdout, writ
 installed, a PNG chart beside it. A provider that fails gets a row with an "error" field instead.
 
 Row fields: p20/p50/p80_ms are quantiles of one call's time. gbps and tflops divide the case's minimal
-bytes (inputs read once, output written once) and useful FLOPs by p50. pct_of_roofline_floor is gbps as a
-percentage of the copy bandwidth measured in the same run (meta.copy_gbps), i.e. how close p50 is to the
-fastest time the memory traffic allows. max_rel_err is max_abs_err over the largest reference magnitude:
-elementwise ratios are meaningless where the sum crosses zero. speedup_vs_eager is eager's p50 over this
-provider's p50.
+bytes (inputs read once, output written once, min_bytes) and the FLOPs of the op's direct definition
+(flops) by p50. floor_ms is the roofline floor, max(min_bytes / copy bandwidth, dense_flops / dense rate),
+both rates measured in the same run (meta.copy_gbps; meta.peak_tflops for the case's dtype, the faster of
+a large torch.mm and a large 3x3 convolution in meta.dense_tflops). dense_flops counts only the
+matrix-multiply arithmetic of the cheapest exact algorithm: below flops for the cascade feature fusion
+shortcut, 0 for summed pyramid pooling, which stays purely memory-bound.
+roofline_bound says which term sets the floor, and pct_of_roofline_floor is floor_ms as a percentage of
+p50, i.e. how close p50 is to the fastest time the memory traffic and the arithmetic allow; for a
+memory-bound case it equals gbps as a percentage of meta.copy_gbps. max_rel_err is max_abs_err over the
+largest reference magnitude: elementwise ratios are meaningless where the sum crosses zero.
+speedup_vs_eager is eager's p50 over this provider's p50.
 """
 
 import argparse
@@ -22,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import plot, pyramid_pool_sum, report, timing
-from benchmarks.case import Case, OpBenchmark
+from benchmarks import cascade_feature_fusion, plot, pyramid_pool_sum, report, timing
+from benchmarks.case import Case, OpBenchmark, dtype_name
 
-OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum,)}
+OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum, cascade_feature_fusion)}
 BASELINE = "eager"
 
 log = logging.getLogger("benchmarks")
@@ -38,14 +44,18 @@ def _errors(out: torch.Tensor, expected: torch.Tensor) -> dict:
     return {"max_abs_err": max_abs, "max_rel_err": max_abs / expected.abs().max().item()}
 
 
-def _throughput(case: Case, p50_ms: float, copy_gbps: float) -> dict:
+def _throughput(case: Case, p50_ms: float, copy_gbps: float, peak_tflops: float) -> dict:
     seconds = p50_ms * 1e-3
-    gbps = case.min_bytes / seconds / 1e9
-    return {"gbps": gbps, "tflops": case.flops / seconds / 1e12, "pct_of_roofline_floor": 100 * gbps / copy_gbps}
+    memory_ms = case.min_bytes / copy_gbps / 1e6
+    compute_ms = case.dense_flops / peak_tflops / 1e9
+    floor_ms = max(memory_ms, compute_ms)
+    return {"gbps": case.min_bytes / seconds / 1e9, "tflops": case.flops / seconds / 1e12, "floor_ms": floor_ms,
+            "roofline_bound": "memory" if memory_ms >= compute_ms else "compute",
+            "pct_of_roofline_floor": 100 * floor_ms / p50_ms}
 
 
 def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
-             copy_gbps: float) -> list[dict]:
+             copy_gbps: float, peak_tflops: dict[str, float]) -> list[dict]:
     inputs = op.make_inputs(case, device)
     expected = op.reference(case, inputs)
     rows = []
@@ -61,7 +71,8 @@ def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.E
             log.warning("  failed: %s", row["error"])
             rows.append(row)
             continue
-        rows.append(row | {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80} | _throughput(case, p50, copy_gbps))
+        rows.append(row | {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+                    | _throughput(case, p50, copy_gbps, peak_tflops[row["dtype"]]))
     baseline = next((row for row in rows if row["provider"] == BASELINE and "p50_ms" in row), None)
     for row in rows:
         if baseline is not None and "p50_ms" in row:
@@ -92,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     work = [(OPS[name], case) for name in args.ops for case in OPS[name].cases(device, args.quick)]
     copy_gbps = timing.copy_gbps(max(case.min_bytes for _, case in work), device, effort)
     log.info("copy bandwidth on %s: %.1f GB/s", device, copy_gbps)
+    dense_tflops = {dtype_name(dtype): timing.dense_tflops(dtype, device, effort)
+                    for dtype in dict.fromkeys(case.dtype for _, case in work)}
+    peak_tflops = {dtype: max(rates.values()) for dtype, rates in dense_tflops.items()}
+    for dtype, rates in dense_tflops.items():
+        log.info("dense rates in %s: %s TFLOP/s", dtype,
+                 ", ".join(f"{problem} {rate:.3g}" for problem, rate in rates.items()))
 
-    rows = [row for op, case in work for row in run_case(op, case, device, effort, copy_gbps)]
+    rows = [row for op, case in work for row in run_case(op, case, device, effort, copy_gbps, peak_tflops)]
     print(report.format_table(rows))
 
     suffix = "-quick" if args.quick else ""
     results_path = args.out / f"ops-{report.slug(report.device_name(device))}{suffix}.json"
-    report.write_json(results_path, report.meta(device, copy_gbps, args.quick), rows)
+    report.write_json(results_path, report.meta(device, copy_gbps, dense_tflops, peak_tflops, args.quick), rows)
     log.info("wrote %s", results_path)
     if plot.matplotlib_available():
         log.info("wrote %s", plot.write_plot(results_path))

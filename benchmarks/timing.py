@@ -1,7 +1,8 @@
-"""Timers giving p20/p50/p80 of one call in milliseconds, and the device's copy bandwidth."""
+"""Timers giving p20/p50/p80 of one call in milliseconds, and the device's copy bandwidth and dense FLOP rate."""
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,11 @@ from torch.utils.benchmark import Timer
 QUANTILES = (0.2, 0.5, 0.8)
 # Far beyond any last-level cache, and long enough per call that a parallel region's start-up cost is noise.
 MIN_COPY_BYTES = 256 * 2**20
+# Dense problems on which torch's GEMM and convolution libraries run at their sustained rates: per device
+# kind, the side of torch.mm's square matrices and the batch of a 3x3 convolution with 512 channels in and
+# out on a 64x64 map. About 0.1 s a call on two CPU cores, about 1 ms on a datacenter GPU in half precision.
+DENSE_PROBLEMS = {"cpu": (2048, 1), "cuda": (8192, 32)}
+CONV_CHANNELS, CONV_MAP = 512, 64
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,45 @@ def copy_gbps(moved_bytes: int, device: torch.device, effort: Effort) -> float:
     dst = torch.empty_like(src)
     _, p50_ms, _ = time_ms(lambda: dst.copy_(src), device, effort)
     return 2 * src.nbytes / (p50_ms * 1e-3) / 1e9
+
+
+def dense_tflops(dtype: torch.dtype, device: torch.device, effort: Effort) -> dict[str, float]:
+    """Achieved TFLOP/s of a large torch.mm and a large 3x3 convolution in dtype: the roofline's compute
+    ceiling is the higher of the two.
+
+    Measured rather than taken from a datasheet, so that it is the rate this device and torch's libraries
+    actually sustain. Both, because neither is always the faster: on the AMD EPYC the CPU results come from,
+    oneDNN's convolution outran MKL's GEMM, so a floor from torch.mm alone was undercut by convolutions.
+    A float32 GEMM is measured under the TF32 setting cuDNN convolutions run with.
+    """
+    side, batch = DENSE_PROBLEMS[device.type]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+    a, b = randn(side, side), randn(side, side)
+    x, w = randn(batch, CONV_CHANNELS, CONV_MAP, CONV_MAP), randn(CONV_CHANNELS, CONV_CHANNELS, 3, 3)
+    with _matmul_precision_like_convolutions(device):
+        _, mm_ms, _ = time_ms(lambda: torch.mm(a, b), device, effort)
+    _, conv_ms, _ = time_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1), device, effort)
+    conv_flops = 2 * batch * CONV_MAP**2 * CONV_CHANNELS**2 * 9
+    return {"mm": 2 * side**3 / (mm_ms * 1e-3) / 1e12, "conv3x3": conv_flops / (conv_ms * 1e-3) / 1e12}
+
+
+def fp32_matmul_uses_tf32(device: torch.device) -> bool:
+    """Whether dense_tflops(torch.float32, device, ...) measures a TF32 GEMM."""
+    return device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+
+@contextlib.contextmanager
+def _matmul_precision_like_convolutions(device: torch.device) -> Iterator[None]:
+    if device.type != "cuda":  # the setting only affects CUDA
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if fp32_matmul_uses_tf32(device) else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
