@@ -2,7 +2,9 @@
 
 CPU kernels are always built. CUDA kernels are built when torch is a CUDA build and nvcc is found, whether
 or not a GPU is present; ICNET_WITH_CUDA=0/1 forces the choice. TORCH_CUDA_ARCH_LIST ("8.0;9.0",
-"9.0a", "8.6+PTX") picks the GPU architectures; the default is 8.0 and 9.0.
+"9.0a", "8.6+PTX") picks the GPU architectures; the default is 8.0 and 9.0. ICNET_CPU_ARCH is the -march of
+the C++ kernels: "native" (the default) targets the building machine's vector units; set a portable level
+such as x86-64-v2 when the build is to run elsewhere.
 """
 
 import glob
@@ -103,6 +105,7 @@ class CMakeBuild(build_ext):
             f"-DTORCH_VERSION={torch.__version__}",
             f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DICNET_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DICNET_CPU_ARCH={os.environ.get('ICNET_CPU_ARCH', 'native')}",
             "-G", "Ninja",
         ]
         if with_cuda:

@@ -3,7 +3,8 @@
 python -m benchmarks.run [--ops pyramid_pool_sum ...] [--device cpu|cuda|auto] [--out benchmarks/results] [--quick]
 
 For every case of every op: compute the reference in float64 from the same inputs, run each provider once
-and diff it against that reference, then time it. Prints a table to stdout, writes
+and diff it against that reference, then time the providers together (on the CPU in alternating rounds, so
+that a noisy neighbour slows them alike). Prints a table to stdout, writes
 <out>/ops-<device>.json (meta plus long-form rows, one per case and provider) and, when matplotlib is
 installed, a PNG chart beside it. A provider that fails gets a row with an "error" field instead.
 
@@ -58,21 +59,24 @@ def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.E
              copy_gbps: float, peak_tflops: dict[str, float]) -> list[dict]:
     inputs = op.make_inputs(case, device)
     expected = op.reference(case, inputs)
-    rows = []
+    rows, ready = [], {}
     for provider, build in op.providers(device).items():
         row = case.describe() | {"provider": provider}
         log.info("%s %s %s %s: %s", case.op, case.variant, "x".join(map(str, case.shape)), row["dtype"], provider)
         try:
             fn = build(case)
             row |= _errors(fn(*inputs), expected)
-            p20, p50, p80 = timing.time_ms(lambda: fn(*inputs), device, effort)
+            ready[provider] = fn
         except Exception as exc:  # one broken provider must not cost the other rows; its row says why
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("  failed: %s", row["error"])
-            rows.append(row)
-            continue
-        rows.append(row | {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
-                    | _throughput(case, p50, copy_gbps, peak_tflops[row["dtype"]]))
+        rows.append(row)
+    times = timing.time_together_ms({name: (lambda fn=fn: fn(*inputs)) for name, fn in ready.items()}, device, effort)
+    for row in rows:
+        if row["provider"] in times:
+            p20, p50, p80 = times[row["provider"]]
+            row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80} | _throughput(case, p50, copy_gbps,
+                                                                               peak_tflops[row["dtype"]])
     baseline = next((row for row in rows if row["provider"] == BASELINE and "p50_ms" in row), None)
     for row in rows:
         if baseline is not None and "p50_ms" in row:

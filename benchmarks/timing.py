@@ -59,6 +59,30 @@ def _time_cuda_ms(fn: Callable[[], object], effort: Effort) -> tuple[float, floa
     return p20, p50, p80
 
 
+def time_together_ms(fns: dict[str, Callable[[], object]], device: torch.device,
+                     effort: Effort) -> dict[str, tuple[float, float, float]]:
+    """p20/p50/p80 of each of several functions that are to be compared.
+
+    On the CPU they take turns, one call each per round, so that a slow spell of a shared machine falls on
+    all of them alike and their ratios stay meaningful; on a GPU each is timed by do_bench in turn.
+    """
+    if device.type == "cuda":
+        return {name: _time_cuda_ms(fn, effort) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while (len(next(iter(samples.values()))) < effort.cpu_min_samples
+           or time.perf_counter() - start < effort.cpu_min_run_s * len(fns)):
+        for name, fn in fns.items():
+            begin = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - begin)
+    quantiles = torch.tensor(QUANTILES, dtype=torch.float64)
+    return {name: tuple((1e3 * torch.tensor(times, dtype=torch.float64).quantile(quantiles)).tolist())
+            for name, times in samples.items()}
+
+
 def copy_gbps(moved_bytes: int, device: torch.device, effort: Effort) -> float:
     """Achieved GB/s of dst.copy_(src) moving moved_bytes, or MIN_COPY_BYTES if more (read plus write).
 

@@ -15,7 +15,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/conv1d.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -158,13 +157,18 @@ struct ShortcutBorder {
 };
 
 ShortcutBorder shortcut_border(const at::Tensor& low, const at::Tensor& weight, const CffShape& s) {
+  // The 1-D convs run as 2-D ones over a single row or column, which ATen hands to oneDNN.
   const auto row_term = [&](int64_t row, int64_t tap) {
-    const at::Tensor up_x = at::upsample_linear1d(low.select(2, row), {s.W}, true);
-    return at::conv1d(up_x, weight.select(2, tap), {}, 1, 2, 2).mul_(-0.5);
+    const at::Tensor up_x = at::upsample_linear1d(low.select(2, row), {s.W}, true).unsqueeze(2);
+    return at::conv2d(up_x, weight.select(2, tap).unsqueeze(2), std::nullopt, at::IntArrayRef{1, 1},
+                      at::IntArrayRef{0, 2}, at::IntArrayRef{1, 2})
+        .squeeze(2)
+        .mul_(-0.5);
   };
   const auto col_term = [&](int64_t col, int64_t tap) {
-    const at::Tensor at_low = at::conv1d(low.select(3, col), weight.select(3, tap), {}, 1, 1);
-    return at::upsample_linear1d(at_low, {s.H}, true).mul_(-0.5);
+    const at::Tensor at_low = at::conv2d(low.select(3, col).unsqueeze(3), weight.select(3, tap).unsqueeze(3),
+                                         std::nullopt, at::IntArrayRef{1, 1}, at::IntArrayRef{1, 0});
+    return at::upsample_linear1d(at_low.squeeze(3), {s.H}, true).mul_(-0.5);
   };
   return {row_term(0, 0).contiguous(), row_term(s.h - 1, 2).contiguous(), col_term(0, 0).contiguous(),
           col_term(s.w - 1, 2).contiguous()};
@@ -191,20 +195,21 @@ void cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const at::T
   scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
   const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
   at::parallel_for(0, s.N * s.Co, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(s.W);
+    std::vector<T> blended(s.w), row(s.W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.Co, co = task % s.Co;
       const T* low_plane = cl.plane(n, co);
       const T* proj_plane = pr.plane(n, co);
       for (int64_t y = 0; y < s.H; ++y) {
+        // bilinear gather of the low-resolution conv: blend its two rows, then interpolate along x
         const LinearTaps<T>& ty = zoom_rows.taps[y];
         const T* r0 = low_plane + ty.i0 * cl.sy;
         const T* r1 = low_plane + ty.i1 * cl.sy;
+        for (int64_t x = 0; x < s.w; ++x) blended[x] = ty.w0 * r0[x * cl.sx] + ty.w1 * r1[x * cl.sx];
         const T* p = proj_plane + y * pr.sy;
         for (int64_t x = 0; x < s.W; ++x) {
           const LinearTaps<T>& tx = zoom_cols.taps[x];
-          row[x] = ty.w0 * (tx.w0 * r0[tx.i0 * cl.sx] + tx.w1 * r0[tx.i1 * cl.sx]) +
-                   ty.w1 * (tx.w0 * r1[tx.i0 * cl.sx] + tx.w1 * r1[tx.i1 * cl.sx]) + p[x * pr.sx] + b[co];
+          row[x] = tx.w0 * blended[tx.i0] + tx.w1 * blended[tx.i1] + p[x * pr.sx] + b[co];
         }
         if (y == 1)
           for (int64_t x = 0; x < s.W; ++x) row[x] += top[task * s.W + x];

@@ -15,6 +15,8 @@
 namespace icnet {
 namespace {
 
+constexpr int64_t kRowsTogether = 4;  // output rows expanded together, see below
+
 // One axis's reduce or expand matrix [rows, length] with the nonzero band [lo, hi) of each row.
 template <typename T>
 struct BandedMatrix {
@@ -63,7 +65,8 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
   const int64_t out_sn = out.stride(0), out_sc = out.stride(1), out_sh = out.stride(2), out_sw = out.stride(3);
 
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> plane(H * W), reduced_h(rows * W), pooled(rows * rows), expanded_h(H * rows), out_row(W);
+    std::vector<T> plane(H * W), reduced_h(rows * W), pooled(rows * rows), expanded_h(H * rows),
+        out_rows(kRowsTogether * W);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       const scalar_t* x = src + n * in_sn + c * in_sc;
@@ -71,15 +74,16 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) plane[h * W + w] = static_cast<T>(x[h * in_sh + w * in_sw]);
       }
-      // reduced_h[i, w] = sum_h reduce_h[i, h] * plane[h, w]: whole rows at a time, so the inner loop
-      // runs along w with independent lanes and vectorises.
-      for (int i = 0; i < rows; ++i) {
-        T* acc = reduced_h.data() + i * W;
-        std::fill(acc, acc + W, T(0));
-        const T* hrow = reduce_h.row(i);
-        for (int64_t h = reduce_h.lo[i]; h < reduce_h.hi[i]; ++h) {
-          const T weight = hrow[h];
-          const T* prow = plane.data() + h * W;
+      // reduced_h[i, w] = sum_h reduce_h[i, h] * plane[h, w], whole rows at a time so the inner loop runs
+      // along w and vectorises. h is the outer loop: consecutive updates then go to different rows i, and
+      // no accumulator waits on its own previous store.
+      std::fill(reduced_h.begin(), reduced_h.end(), T(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const T* prow = plane.data() + h * W;
+        for (int i = 0; i < rows; ++i) {
+          if (h < reduce_h.lo[i] || h >= reduce_h.hi[i]) continue;
+          const T weight = reduce_h.row(i)[h];
+          T* acc = reduced_h.data() + i * W;
           for (int64_t w = 0; w < W; ++w) acc[w] += weight * prow[w];
         }
       }
@@ -102,15 +106,21 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
           expanded_h[h * rows + j] = acc;
         }
       }
-      // out[h, w] = plane[h, w] + sum_j expanded_h[h, j] * expand_w[j, w]
-      for (int64_t h = 0; h < H; ++h) {
-        std::copy(plane.begin() + h * W, plane.begin() + (h + 1) * W, out_row.begin());
+      // out[h, w] = plane[h, w] + sum_j expanded_h[h, j] * expand_w[j, w], kRowsTogether output rows at a
+      // time, alternating between them for the same reason as above.
+      for (int64_t h0 = 0; h0 < H; h0 += kRowsTogether) {
+        const int64_t count = std::min<int64_t>(kRowsTogether, H - h0);
+        std::copy(plane.begin() + h0 * W, plane.begin() + (h0 + count) * W, out_rows.begin());
         for (int j = 0; j < rows; ++j) {
-          const T v = expanded_h[h * rows + j];
           const T* wrow = expand_w.row(j);
-          for (int64_t w = expand_w.lo[j]; w < expand_w.hi[j]; ++w) out_row[w] += v * wrow[w];
+          for (int64_t r = 0; r < count; ++r) {
+            const T v = expanded_h[(h0 + r) * rows + j];
+            T* orow = out_rows.data() + r * W;
+            for (int64_t w = expand_w.lo[j]; w < expand_w.hi[j]; ++w) orow[w] += v * wrow[w];
+          }
         }
-        for (int64_t w = 0; w < W; ++w) y[h * out_sh + w * out_sw] = static_cast<scalar_t>(out_row[w]);
+        for (int64_t r = 0; r < count; ++r)
+          for (int64_t w = 0; w < W; ++w) y[(h0 + r) * out_sh + w * out_sw] = static_cast<scalar_t>(out_rows[r * W + w]);
       }
     }
   });
