@@ -97,26 +97,33 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort) -> l
     models = build_models(config, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     x = (torch.randn(config.batch, 3, *INPUT_SIZE, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
-    rows = []
+    rows, ready = [], {}
     with torch.inference_mode():
         expected = models["reference"](x).argmax(1)
         for name, fn in runners(models, device, x).items():
             row = config.describe() | {"runner": name}
-            log.info("icnet %s: %s", row, name)
+            log.info("icnet %s %s batch %d %s: %s", config.mode, row["dtype"], config.batch, row["layout"], name)
             try:
-                agreement = (fn(x).argmax(1) == expected).float().mean().item()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                p20, p50, p80 = timing.time_ms(lambda: fn(x), device, effort)
+                row["argmax_agreement"] = (fn(x).argmax(1) == expected).float().mean().item()
+                ready[name] = fn
             except Exception as exc:  # a failing runner gets a row that says why
-                rows.append(row | {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
-                continue
-            row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "fps": config.batch * 1e3 / p50,
-                    "argmax_agreement": agreement}
-            if device.type == "cuda":
-                row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rows.append(row)
+        peak_mb = {}
+        if device.type == "cuda":
+            for name, fn in ready.items():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn(x)
+                torch.cuda.synchronize()
+                peak_mb[name] = torch.cuda.max_memory_allocated() / 2**20
+        times = timing.time_together_ms({name: (lambda fn=fn: fn(x)) for name, fn in ready.items()}, device, effort)
+    for row in rows:
+        if row["runner"] in times:
+            p20, p50, p80 = times[row["runner"]]
+            row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "fps": config.batch * 1e3 / p50}
+            if row["runner"] in peak_mb:
+                row["peak_memory_mb"] = peak_mb[row["runner"]]
     base = next((r for r in rows if r["runner"] == "reference-eager" and "p50_ms" in r), None)
     for row in rows:
         if base is not None and "p50_ms" in row:
