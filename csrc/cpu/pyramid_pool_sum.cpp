@@ -72,7 +72,11 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
       const scalar_t* x = src + n * in_sn + c * in_sc;
       scalar_t* y = dst + n * out_sn + c * out_sc;
       for (int64_t h = 0; h < H; ++h) {
-        for (int64_t w = 0; w < W; ++w) plane[h * W + w] = static_cast<T>(x[h * in_sh + w * in_sw]);
+        if (in_sw == 1) {  // the common case, spelled out so that it vectorises
+          std::copy_n(x + h * in_sh, W, plane.data() + h * W);
+        } else {
+          for (int64_t w = 0; w < W; ++w) plane[h * W + w] = static_cast<T>(x[h * in_sh + w * in_sw]);
+        }
       }
       // reduced_h[i, w] = sum_h reduce_h[i, h] * plane[h, w], whole rows at a time so the inner loop runs
       // along w and vectorises. h is the outer loop: consecutive updates then go to different rows i, and
@@ -99,12 +103,12 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
         }
       }
       // expanded_h[h, j] = sum_i expand_h[i, h] * pooled[i, j], i over j's bin
-      for (int64_t h = 0; h < H; ++h) {
-        for (int j = 0; j < rows; ++j) {
-          T acc = T(0);
-          for (int i = bin_begin[j]; i < bin_end[j]; ++i) acc += expand_h.row(i)[h] * pooled[i * rows + j];
-          expanded_h[h * rows + j] = acc;
-        }
+      std::fill(expanded_h.begin(), expanded_h.end(), T(0));
+      for (int i = 0; i < rows; ++i) {
+        const T* hrow = expand_h.row(i);
+        const T* prow = pooled.data() + i * rows;
+        for (int64_t h = expand_h.lo[i]; h < expand_h.hi[i]; ++h)
+          for (int j = bin_begin[i]; j < bin_end[i]; ++j) expanded_h[h * rows + j] += hrow[h] * prow[j];
       }
       // out[h, w] = plane[h, w] + sum_j expanded_h[h, j] * expand_w[j, w], kRowsTogether output rows at a
       // time, alternating between them for the same reason as above.
@@ -119,8 +123,15 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
             for (int64_t w = expand_w.lo[j]; w < expand_w.hi[j]; ++w) orow[w] += v * wrow[w];
           }
         }
-        for (int64_t r = 0; r < count; ++r)
-          for (int64_t w = 0; w < W; ++w) y[(h0 + r) * out_sh + w * out_sw] = static_cast<scalar_t>(out_rows[r * W + w]);
+        for (int64_t r = 0; r < count; ++r) {
+          scalar_t* yrow = y + (h0 + r) * out_sh;
+          const T* orow = out_rows.data() + r * W;
+          if (out_sw == 1) {
+            std::copy_n(orow, W, yrow);
+          } else {
+            for (int64_t w = 0; w < W; ++w) yrow[w * out_sw] = static_cast<scalar_t>(orow[w]);
+          }
+        }
       }
     }
   });
