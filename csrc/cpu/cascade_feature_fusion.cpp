@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/cff_args.h"
@@ -178,12 +179,18 @@ ShortcutBorder shortcut_border(const at::Tensor& low, const at::Tensor& weight, 
 // whole batch; one threaded pass then adds the bilinear gather of the low-resolution conv, the border
 // corrections, bias and ReLU.
 template <typename scalar_t>
-void cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
-                      const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s, at::Tensor& out) {
+at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
+                            const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
   using T = at::opmath_type<scalar_t>;
   const at::Tensor low_t = as_opmath<T>(low), weight_t = as_opmath<T>(weight_low);
   const at::Tensor conv_low = at::conv2d(low_t, weight_t, {}, 1, 1);
   const at::Tensor proj = at::conv2d(as_opmath<T>(high), as_opmath<T>(weight_high).view({s.Co, s.Ch, 1, 1}));
+  // The pass reads each element of proj once, just before writing the same element of out, so when the
+  // dtype and layout agree it writes over proj: one full-size allocation (and its page faults) fewer.
+  const at::MemoryFormat format = cff_output_format(high);
+  at::Tensor out = std::is_same_v<scalar_t, T> && proj.is_contiguous(format)
+                       ? proj
+                       : at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(format));
   const ShortcutBorder border = shortcut_border(low_t, weight_t, s);
   const View4d<T> cl(conv_low), pr(proj);
   const T* top = border.top.const_data_ptr<T>();  // [N, Co, W]
@@ -222,21 +229,21 @@ void cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const at::T
       }
     }
   });
+  return out;
 }
 
 at::Tensor cascade_feature_fusion_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
                                       const at::Tensor& weight_high, const at::Tensor& bias, int64_t dilation,
                                       bool align_corners) {
   const CffShape s = make_cff_shape(low, high, weight_low, weight_high, bias, dilation, align_corners);
+  if (s.N > 0 && cff_exact_shortcut(s)) {
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu",
+                                           [&] { return cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s); });
+  }
   at::Tensor out = at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu", [&] {
-    if (cff_exact_shortcut(s)) {
-      cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s, out);
-    } else {
-      cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s, out);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu",
+                                  [&] { cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s, out); });
   return out;
 }
 
