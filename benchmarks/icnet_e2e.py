@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import report, timing
 from icnet import ICNet
+from icnet.graphs import CudaGraphRunner
 
 log = logging.getLogger("benchmarks")
 INPUT_SIZE = (1025, 2049)
@@ -63,30 +64,10 @@ def build_models(config: Config, device: torch.device) -> dict[str, torch.nn.Mod
             for name, model in (("reference", reference), ("fused", fused))}
 
 
-def cuda_graph(model: torch.nn.Module, x: torch.Tensor):
-    """Captures one forward pass; replaying it is the fixed-shape inference runner."""
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = model(static_x)
-
-    def replay(inp):
-        static_x.copy_(inp)
-        graph.replay()
-        return static_out
-    return replay
-
-
 def runners(models: dict, config: Config, device: torch.device, x: torch.Tensor) -> dict:
     found = {"reference-eager": models["reference"], "fused-eager": models["fused"]}
     if device.type == "cuda":
-        found["fused-cuda-graph"] = cuda_graph(models["fused"], x)
+        found["fused-cuda-graph"] = CudaGraphRunner(models["fused"], x)
         # compiling takes minutes per configuration: the comparisons the goals name, sub124 in float16
         if config.mode == "sub124" and config.dtype == torch.float16:
             torch._dynamo.reset()

@@ -120,3 +120,23 @@ def test_segment_cli_end_to_end(tmp_path, capsys):
     assert "untrained" not in capsys.readouterr().err
     assert icnet_main(["segment", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "no such image" in capsys.readouterr().err
+
+
+def test_cuda_graph_runner_rejects_cpu_input():
+    from icnet.graphs import CudaGraphRunner
+    with pytest.raises(ValueError, match="CUDA"):
+        CudaGraphRunner(ICNet().eval(), torch.zeros(1, 3, 65, 97))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_runner_replays_the_model():
+    from icnet.graphs import CudaGraphRunner
+    model = randomize_batch_norm(ICNet()).eval().cuda()
+    x = torch.randn(1, 3, 97, 161, device="cuda") * 60
+    runner = CudaGraphRunner(model, x)
+    with torch.inference_mode():
+        expected = model(x)
+    torch.testing.assert_close(runner(x).clone(), expected)
+    y = torch.randn_like(x) * 60
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(y).clone(), model(y))
