@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -109,13 +110,29 @@ int64_t rows_per_block(int64_t rows, int64_t width, int64_t batch) {
   return std::min(by_cache, by_balance);
 }
 
+// The 1x1 projection over the whole batch (ATen's convolution, all threads), and the tensor the fused pass
+// writes: the projection itself when dtype and layout agree, since the pass reads each of its elements once,
+// just before writing the same element of the output (one full-size allocation, and its page faults, fewer).
 template <typename scalar_t>
-void cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
-                     const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s, at::Tensor& out) {
+std::pair<at::Tensor, at::Tensor> projection_and_output(const at::Tensor& high, const at::Tensor& weight_high,
+                                                        const CffShape& s) {
+  using T = at::opmath_type<scalar_t>;
+  at::Tensor proj = at::conv2d(as_opmath<T>(high), as_opmath<T>(weight_high).view({s.Co, s.Ch, 1, 1}));
+  const at::MemoryFormat format = cff_output_format(high);
+  at::Tensor out = std::is_same_v<scalar_t, T> && proj.is_contiguous(format)
+                       ? proj
+                       : at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(format));
+  return {proj, out};
+}
+
+template <typename scalar_t>
+at::Tensor cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
+                           const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
   using T = at::opmath_type<scalar_t>;
   const at::Tensor w_low = as_opmath<T>(weight_low).contiguous();
-  const at::Tensor w_high = as_opmath<T>(weight_high).reshape({s.Co, s.Ch, 1, 1}).contiguous();
-  const at::Tensor high_t = as_opmath<T>(high);
+  at::Tensor proj, out;
+  std::tie(proj, out) = projection_and_output<scalar_t>(high, weight_high, s);
+  const View4d<T> pr(proj);
   const std::vector<T> b = to_buffer<T>(bias);
   scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
   const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
@@ -128,18 +145,20 @@ void cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const at::Te
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, y0 = (task % blocks) * R, y1 = std::min(s.H, y0 + R);
       const at::Tensor conv = at::conv2d(up.block(n, y0, y1, u, blended), w_low, std::nullopt, at::IntArrayRef{1, 1},
-                                         at::IntArrayRef{0, 0}, at::IntArrayRef{s.dilation, s.dilation});
-      const at::Tensor high_rows = high_t.slice(0, n, n + 1).slice(2, y0, y1);
-      const at::Tensor sum = at::conv2d(high_rows, w_high).add_(conv).contiguous();  // [1, Co, R, W]
-      const T* acc = sum.const_data_ptr<T>();
+                                         at::IntArrayRef{0, 0}, at::IntArrayRef{s.dilation, s.dilation})
+                                  .contiguous();  // [1, Co, R, W]
+      const T* acc = conv.const_data_ptr<T>();
       for (int64_t co = 0; co < s.Co; ++co)
         for (int64_t y = y0; y < y1; ++y) {
           const T* src = acc + (co * (y1 - y0) + (y - y0)) * s.W;
+          const T* p = pr.plane(n, co) + y * pr.sy;
           scalar_t* dst = y_out + n * on + co * oc + y * oy;
-          for (int64_t x = 0; x < s.W; ++x) dst[x * ox] = static_cast<scalar_t>(std::max(src[x] + b[co], T(0)));
+          for (int64_t x = 0; x < s.W; ++x)
+            dst[x * ox] = static_cast<scalar_t>(std::max(src[x] + p[x * pr.sx] + b[co], T(0)));
         }
     }
   });
+  return out;
 }
 
 // Border corrections of the exact shortcut (see common/cff_geometry.h). Per axis, the dilation-2 tap of the
@@ -184,13 +203,8 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
   using T = at::opmath_type<scalar_t>;
   const at::Tensor low_t = as_opmath<T>(low), weight_t = as_opmath<T>(weight_low);
   const at::Tensor conv_low = at::conv2d(low_t, weight_t, {}, 1, 1);
-  const at::Tensor proj = at::conv2d(as_opmath<T>(high), as_opmath<T>(weight_high).view({s.Co, s.Ch, 1, 1}));
-  // The pass reads each element of proj once, just before writing the same element of out, so when the
-  // dtype and layout agree it writes over proj: one full-size allocation (and its page faults) fewer.
-  const at::MemoryFormat format = cff_output_format(high);
-  at::Tensor out = std::is_same_v<scalar_t, T> && proj.is_contiguous(format)
-                       ? proj
-                       : at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(format));
+  at::Tensor proj, out;
+  std::tie(proj, out) = projection_and_output<scalar_t>(high, weight_high, s);
   const ShortcutBorder border = shortcut_border(low_t, weight_t, s);
   const View4d<T> cl(conv_low), pr(proj);
   const T* top = border.top.const_data_ptr<T>();  // [N, Co, W]
@@ -236,15 +250,11 @@ at::Tensor cascade_feature_fusion_cpu(const at::Tensor& low, const at::Tensor& h
                                       const at::Tensor& weight_high, const at::Tensor& bias, int64_t dilation,
                                       bool align_corners) {
   const CffShape s = make_cff_shape(low, high, weight_low, weight_high, bias, dilation, align_corners);
-  if (s.N > 0 && cff_exact_shortcut(s)) {
-    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu",
-                                           [&] { return cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s); });
-  }
-  at::Tensor out = at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu",
-                                  [&] { cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s, out); });
-  return out;
+  if (s.N == 0) return at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu", [&] {
+    return cff_exact_shortcut(s) ? cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s)
+                                 : cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s);
+  });
 }
 
 }  // namespace
