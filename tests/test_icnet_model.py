@@ -140,3 +140,15 @@ def test_cuda_graph_runner_replays_the_model():
     y = torch.randn_like(x) * 60
     with torch.inference_mode():
         torch.testing.assert_close(runner(y).clone(), model(y))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_whole_model_traces_under_torch_compile(fused):
+    """Both builds trace through dynamo and AOT autograd without graph breaks (the aot_eager backend keeps
+    the test fast; the op-level tests cover Inductor)."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(ICNet(fused=fused)).eval()
+    x = torch.randn(1, 3, 97, 161) * 60
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
