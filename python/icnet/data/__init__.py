@@ -1,0 +1,1 @@
+"""Datasets and augmentation for training and evaluating ICNet."""
