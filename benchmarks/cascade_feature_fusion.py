@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference
+from icnet_kernels.cff_geometry import exact_shortcut
 
 NAME = "cascade_feature_fusion"
 OUT_CHANNELS = 128
@@ -41,9 +42,7 @@ def eager_cascade_feature_fusion(low, high, weight_low, weight_high, scale_low, 
 def _case(stage: str, align_corners: bool, batch: int, dtype: torch.dtype) -> Case:
     low_channels, (h, w), high_channels, (height, width) = STAGES[stage]
     params = {"dilation": DILATION, "align_corners": align_corners}
-    # The kernels' condition for the shortcut, cff_exact_shortcut in csrc/common/cff_geometry.h.
-    shortcut = (align_corners and DILATION == 2 and (height, width) == (2 * h - 1, 2 * w - 1)
-                and min(height, width) >= 3)
+    shortcut = exact_shortcut(h, w, height, width, DILATION, align_corners)
     low_shape = (batch, low_channels, h, w)
     high_shape = (batch, high_channels, height, width)
     out_shape = (batch, OUT_CHANNELS, height, width)

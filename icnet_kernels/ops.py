@@ -7,6 +7,7 @@ import torch
 from icnet_kernels import reference
 from icnet_kernels._native import native_available
 from icnet_kernels.backends import choose_backend
+from icnet_kernels.cff_geometry import output_memory_format
 
 Pair = tuple[int, int]
 
@@ -108,22 +109,24 @@ def _pyramid_autograd(forward_op, adjoint_op):
     torch.library.register_autograd(forward_op, backward, setup_context=_pyramid_setup_context)
 
 
-@torch.library.custom_op("icnet::pyramid_pool_sum_triton", mutates_args=())
-def _pyramid_pool_sum_triton(x: torch.Tensor, bins: list[int], kernel_sizes: list[int], strides: list[int],
-                             align_corners: bool) -> torch.Tensor:
+def _pyramid_triton(x, bins, kernel_sizes, strides, align_corners, adjoint):
+    """The Triton ops' shared body: the schema's flat lists back into checked pairs, then the kernel."""
     from icnet_kernels.triton.pyramid_pool_sum import pyramid_pool_sum_triton
     bins, kernels, steps = _pyramid_geometry(x, bins, _unflat_checked(kernel_sizes, "kernel_sizes", len(bins)),
                                              _unflat_checked(strides, "strides", len(bins)))
-    return pyramid_pool_sum_triton(x, bins, kernels, steps, align_corners)
+    return pyramid_pool_sum_triton(x, bins, kernels, steps, align_corners, adjoint=adjoint)
+
+
+@torch.library.custom_op("icnet::pyramid_pool_sum_triton", mutates_args=())
+def _pyramid_pool_sum_triton(x: torch.Tensor, bins: list[int], kernel_sizes: list[int], strides: list[int],
+                             align_corners: bool) -> torch.Tensor:
+    return _pyramid_triton(x, bins, kernel_sizes, strides, align_corners, adjoint=False)
 
 
 @torch.library.custom_op("icnet::pyramid_pool_sum_backward_triton", mutates_args=())
 def _pyramid_pool_sum_backward_triton(grad_out: torch.Tensor, bins: list[int], kernel_sizes: list[int],
                                       strides: list[int], align_corners: bool) -> torch.Tensor:
-    from icnet_kernels.triton.pyramid_pool_sum import pyramid_pool_sum_triton
-    bins, kernels, steps = _pyramid_geometry(grad_out, bins, _unflat_checked(kernel_sizes, "kernel_sizes", len(bins)),
-                                             _unflat_checked(strides, "strides", len(bins)))
-    return pyramid_pool_sum_triton(grad_out, bins, kernels, steps, align_corners, adjoint=True)
+    return _pyramid_triton(grad_out, bins, kernel_sizes, strides, align_corners, adjoint=True)
 
 
 def _register_pyramid_ops():
@@ -238,13 +241,8 @@ def _cascade_feature_fusion_triton(low: torch.Tensor, high: torch.Tensor, weight
 
 def _cff_fake(low, high, weight_low, weight_high, bias, dilation, align_corners):
     torch._check(low.dim() == 4 and high.dim() == 4, lambda: "low and high must be 4-D")
-    out = high.new_empty((high.shape[0], weight_low.shape[0], high.shape[2], high.shape[3]))
-    return out.contiguous(memory_format=torch.channels_last) if _channels_last(high) else out
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    """The layout rule of the kernels' outputs: high's suggested memory format."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((high.shape[0], weight_low.shape[0], high.shape[2], high.shape[3]), dtype=high.dtype,
+                       device=high.device, memory_format=output_memory_format(high))
 
 
 def _cff_setup_context(ctx, inputs, output):

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
+
 
 def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning
@@ -133,11 +135,6 @@ def _cascade_feature_fusion_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def exact_shortcut(h, w, H, W, dilation, align_corners) -> bool:
-    """Python twin of cff_exact_shortcut in csrc/common/cff_geometry.h."""
-    return align_corners and dilation == 2 and H == 2 * h - 1 and W == 2 * w - 1 and H >= 3 and W >= 3
-
-
 @functools.lru_cache(maxsize=32)
 def _border_pixels(height, width, device):
     """Flat indices y*W+x of the pixels the shortcut cannot produce (rows 1, H-2; columns 1, W-2)."""
@@ -177,19 +174,13 @@ def _launch(low, high, w_low, w_high, bias, gather, pixels, out, *, resize_to, d
     )
 
 
-def _output_like(high, n, co, height, width, dtype):
-    out = torch.empty((n, co, height, width), dtype=dtype, device=high.device)
-    if not high.is_contiguous() and high.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
 def cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dilation: int, align_corners: bool):
     """relu(conv3x3_dil(up(low), weight_low) + weight_high . high + bias); weights already BN-folded."""
     n, cl, h, w = low.shape
     _, ch, height, width = high.shape
     co = weight_low.shape[0]
-    out = _output_like(high, n, co, height, width, low.dtype)
+    out = torch.empty((n, co, height, width), dtype=low.dtype, device=low.device,
+                      memory_format=output_memory_format(high))
     if out.numel() == 0:
         return out
     w_low = weight_low.permute(2, 3, 1, 0).reshape(9 * cl, co).contiguous()  # [tap, Cl] x Co, tap-major

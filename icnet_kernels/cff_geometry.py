@@ -1,0 +1,18 @@
+"""Cascade feature fusion geometry for the Python side (Triton launcher, fake kernel, benchmarks): the twin of
+csrc/common/cff_geometry.h, which the C++ and CUDA kernels use."""
+
+import torch
+
+
+def exact_shortcut(h: int, w: int, H: int, W: int, dilation: int, align_corners: bool) -> bool:
+    """When up is the exact 2x zoom with align_corners and the dilation is 2, the 3x3 conv can run at low
+    resolution (cff_exact_shortcut in csrc/common/cff_geometry.h)."""
+    return align_corners and dilation == 2 and H == 2 * h - 1 and W == 2 * w - 1 and H >= 3 and W >= 3
+
+
+def output_memory_format(high: torch.Tensor) -> torch.memory_format:
+    """The kernels' output layout: channels_last when high is channels_last and not also plainly contiguous
+    (cff_output_format in csrc/common/cff_args.h)."""
+    if not high.is_contiguous() and high.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
