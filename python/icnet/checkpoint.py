@@ -1,5 +1,5 @@
-"""Checkpoints: the model's weights with what it takes to rebuild it (classes, width, mode) and,
-optionally, training state."""
+"""Checkpoints: the model's weights with what it takes to rebuild it (classes, width, mode, the width of
+every channel group, which pruning changes) and, optionally, training state."""
 
 from pathlib import Path
 
@@ -17,7 +17,7 @@ class CheckpointError(ValueError):
 def save_checkpoint(path, model: ICNet, class_names=None, training_state: dict | None = None) -> None:
     payload = {
         "format": FORMAT,
-        "config": {"num_classes": model.num_classes, "width": model.width, "mode": model.mode},
+        "config": model_config(model),
         "class_names": list(class_names) if class_names is not None else None,
         "state_dict": model.state_dict(),
         "training_state": training_state,
@@ -25,6 +25,12 @@ def save_checkpoint(path, model: ICNet, class_names=None, training_state: dict |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
+
+
+def model_config(model: ICNet) -> dict:
+    """The constructor arguments that rebuild model's structure."""
+    return {"num_classes": model.num_classes, "width": model.width, "mode": model.mode,
+            "channels": dict(model.channels)}
 
 
 def read_checkpoint(path) -> dict:
@@ -52,10 +58,17 @@ def load_checkpoint(path, fused: bool = True, mode: str | None = None) -> tuple[
 def load_weights(model: ICNet, payload: dict, path="checkpoint") -> None:
     """Loads a checkpoint's weights into an existing model, with a clear error when they do not fit."""
     config = payload["config"]
-    for key in ("num_classes", "width"):
-        if config.get(key) != getattr(model, key):
-            raise CheckpointError(f"{path} holds a model with {key}={config.get(key)!r}, "
-                                  f"but the model has {key}={getattr(model, key)!r}")
+    for key in ("num_classes", "width", "channels"):
+        if key in config and config[key] != getattr(model, key):
+            raise CheckpointError(f"{path} holds a model with other {key} than this model's "
+                                  f"({_difference(config[key], getattr(model, key))})")
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _difference(saved, current) -> str:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changed = {k: (saved.get(k), current.get(k)) for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)}
+        return ", ".join(f"{k}: checkpoint {a}, model {b}" for k, (a, b) in sorted(changed.items())[:5])
+    return f"checkpoint {saved!r}, model {current!r}"

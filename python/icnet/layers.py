@@ -17,8 +17,9 @@ class ConvBN(nn.Module):
     """conv (no bias) -> BatchNorm -> optional ReLU."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, relu: bool = True,
-                 fused: bool = False):
+                 fused: bool = False, channel_groups: tuple[str, str] | None = None):
         super().__init__()
+        self.channel_groups = channel_groups  # (input, output) channel group names, for filter pruning
         padding = dilation * (kernel // 2)
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False)
         self.bn = nn.BatchNorm2d(cout)
@@ -74,12 +75,21 @@ class Bottleneck(nn.Module):
     """ResNet bottleneck as in PSPNet's Caffe model: 1x1 reduce (carrying the stride), 3x3 (dilated),
     1x1 increase, projection shortcut when the shape changes, ReLU after the sum."""
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, dilation: int = 1, fused: bool = False):
+    def __init__(self, channels: dict[str, int], groups: tuple[str, str, str, str], stride: int = 1,
+                 dilation: int = 1, fused: bool = False):
+        """groups: the channel groups (input, reduce's output, conv3x3's output, output) and channels their widths;
+        the projection shortcut exists when input and output are different groups or the block strides."""
         super().__init__()
-        self.reduce = ConvBN(cin, mid, 1, stride, fused=fused)
-        self.conv3x3 = ConvBN(mid, mid, 3, 1, dilation, fused=fused)
-        self.increase = ConvBN(mid, cout, 1, relu=True, fused=fused)  # ReLU after the residual sum
-        self.proj = ConvBN(cin, cout, 1, stride, relu=False, fused=fused) if (cin != cout or stride != 1) else None
+        cin, reduce, conv3x3, cout = groups
+        self.reduce = ConvBN(channels[cin], channels[reduce], 1, stride, fused=fused, channel_groups=(cin, reduce))
+        self.conv3x3 = ConvBN(channels[reduce], channels[conv3x3], 3, 1, dilation, fused=fused,
+                              channel_groups=(reduce, conv3x3))
+        self.increase = ConvBN(channels[conv3x3], channels[cout], 1, relu=True, fused=fused,  # ReLU after the sum
+                               channel_groups=(conv3x3, cout))
+        self.proj = None
+        if cin != cout or stride != 1:
+            self.proj = ConvBN(channels[cin], channels[cout], 1, stride, relu=False, fused=fused,
+                               channel_groups=(cin, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.proj is None else self.proj(x)

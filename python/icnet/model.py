@@ -16,9 +16,39 @@ RELEASED_PPM_KERNELS = ((33, 65), (17, 33), (13, 25), (8, 15))
 RELEASED_PPM_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
 
 
-def _stage(cin, mid, cout, blocks, stride=1, dilation=1, fused=False):
-    layers = [Bottleneck(cin, mid, cout, stride, dilation, fused)]
-    layers += [Bottleneck(cout, mid, cout, 1, dilation, fused) for _ in range(blocks - 1)]
+# Channel groups: every set of tensors that must keep one channel numbering (a conv's output, its BN, the
+# convs that read it, and every branch summed into the same residual stream). The model is built from one
+# width per group, so filter pruning can narrow any group and the checkpoint can say how.
+# The bottleneck stages: (name, bottlenecks, the channel group it reads, the residual stream it writes,
+# PSPNet50's bottleneck width, stride, dilation).
+STAGES = (("conv2", 3, "conv1.2", "conv2", 64, 1, 1), ("conv3_1", 1, "conv2", "conv3", 128, 2, 1),
+          ("conv3_rest", 3, "conv3", "conv3", 128, 1, 1), ("conv4", 6, "conv3", "conv4", 256, 1, 2),
+          ("conv5", 3, "conv4", "conv5", 512, 1, 4))
+
+
+def _pspnet50_channels() -> dict[str, int]:
+    channels = {"conv1.0": 64, "conv1.1": 64, "conv1.2": 128, "conv2": 256, "conv3": 512, "conv4": 1024,
+                "conv5": 2048, "conv5_4": 512, "sub1.0": 64, "sub1.1": 64, "sub1.2": 128, "cff_sub24": 256,
+                "cff_sub12": 256}
+    for stage, blocks, _, _, mid, _, _ in STAGES:
+        for i in range(blocks):
+            channels |= {f"{stage}.{i}.reduce": mid, f"{stage}.{i}.conv3x3": mid}
+    return channels
+
+
+PSPNET50_CHANNELS = _pspnet50_channels()
+
+
+def default_channels(width: float) -> dict[str, int]:
+    """PSPNet50's channel counts scaled by width (0.5: the released half-width ICNet)."""
+    return {group: max(1, int(round(count * width))) for group, count in PSPNET50_CHANNELS.items()}
+
+
+def _stage(channels, name, blocks, cin, cout, stride, dilation, fused):
+    layers = []
+    for i in range(blocks):
+        groups = (cin if i == 0 else cout, f"{name}.{i}.reduce", f"{name}.{i}.conv3x3", cout)
+        layers.append(Bottleneck(channels, groups, stride if i == 0 else 1, dilation, fused))
     return nn.Sequential(*layers)
 
 
@@ -44,44 +74,51 @@ class ICNet(nn.Module):
 
     width: channel multiplier relative to PSPNet50 (0.5 is the released "half compressed" model).
     mode: "sub4", "sub24" or "sub124" (the paper's ablation), the branch whose logits eval returns.
+    channels: the width of every channel group (see PSPNET50_CHANNELS), overriding width; pruned models.
     fused: run icnet_kernels' fused ops and fold BatchNorm in inference; False builds plain layers.
     In training mode forward returns the cascade outputs (logits at 1/16, 1/8, 1/4 of the input) for
     cascade label guidance; in eval mode the chosen mode's logits resized to the input size.
     """
 
-    def __init__(self, num_classes: int = 19, width: float = 0.5, mode: str = "sub124", fused: bool = True):
+    def __init__(self, num_classes: int = 19, width: float = 0.5, mode: str = "sub124", fused: bool = True,
+                 channels: dict[str, int] | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         self.num_classes, self.width, self.mode, self.fused = num_classes, width, mode, fused
+        self.channels = _checked_channels(channels) if channels is not None else default_channels(width)
+        ch, f = self.channels, fused
+        sizes = {**ch, "image": 3}  # the image's channels are a group no pruning narrows
 
-        def c(channels):  # PSPNet50's width scaled
-            return max(1, int(round(channels * width)))
+        def conv_bn(cin, cout, kernel, stride=1):
+            return ConvBN(sizes[cin], sizes[cout], kernel, stride, fused=f, channel_groups=(cin, cout))
 
-        f = fused
         # shared trunk on the half-resolution image, up to conv3_1 (1/16)
-        self.conv1 = nn.Sequential(ConvBN(3, c(64), 3, 2, fused=f), ConvBN(c(64), c(64), 3, fused=f),
-                                   ConvBN(c(64), c(128), 3, fused=f))
+        self.conv1 = nn.Sequential(conv_bn("image", "conv1.0", 3, 2), conv_bn("conv1.0", "conv1.1", 3),
+                                   conv_bn("conv1.1", "conv1.2", 3))
         self.pool1 = nn.MaxPool2d(3, 2, 1)
-        self.conv2 = _stage(c(128), c(64), c(256), 3, fused=f)
-        self.conv3_1 = _stage(c(256), c(128), c(512), 1, stride=2, fused=f)
-        # 1/32 branch on conv3_1's features resized by 1/2
-        self.conv3_rest = _stage(c(512), c(128), c(512), 3, fused=f)
-        self.conv4 = _stage(c(512), c(256), c(1024), 6, dilation=2, fused=f)
-        self.conv5 = _stage(c(1024), c(512), c(2048), 3, dilation=4, fused=f)
+        # conv2, conv3_1; then the 1/32 branch on conv3_1's features resized by 1/2: conv3_rest, conv4, conv5
+        for name, blocks, cin, cout, _, stride, dilation in STAGES:
+            setattr(self, name, _stage(ch, name, blocks, cin, cout, stride, dilation, f))
         self.ppm = PyramidPooling(fused)
-        self.conv5_4 = ConvBN(c(2048), c(512), 1, fused=f)
+        self.conv5_4 = conv_bn("conv5", "conv5_4", 1)
         # full-resolution branch (1/8)
-        self.sub1 = nn.Sequential(ConvBN(3, c(64), 3, 2, fused=f), ConvBN(c(64), c(64), 3, 2, fused=f),
-                                  ConvBN(c(64), c(128), 3, 2, fused=f))
+        self.sub1 = nn.Sequential(conv_bn("image", "sub1.0", 3, 2), conv_bn("sub1.0", "sub1.1", 3, 2),
+                                  conv_bn("sub1.1", "sub1.2", 3, 2))
         cff = icnet_kernels.CascadeFeatureFusion if fused else ReferenceCascadeFeatureFusion
-        self.cff_sub24 = cff(c(512), c(512), c(256), 2)
-        self.cff_sub12 = cff(c(256), c(128), c(256), 2)
-        self.cls_sub4 = nn.Conv2d(c(512), num_classes, 1)    # on up(conv5_4), 1/16: training and mode sub4
-        self.cls_sub24 = nn.Conv2d(c(256), num_classes, 1)   # on up(sub24), 1/8: training and mode sub24
-        self.cls_sub124 = nn.Conv2d(c(256), num_classes, 1)  # on up(sub12), 1/4
+        self.cff_sub24 = cff(ch["conv5_4"], ch["conv3"], ch["cff_sub24"], 2)
+        self.cff_sub12 = cff(ch["cff_sub24"], ch["sub1.2"], ch["cff_sub12"], 2)
+        # (low, high, out) channel groups of each fusion unit, for filter pruning
+        self.cff_sub24.channel_groups = ("conv5_4", "conv3", "cff_sub24")
+        self.cff_sub12.channel_groups = ("cff_sub24", "sub1.2", "cff_sub12")
+        self.cls_sub4 = nn.Conv2d(ch["conv5_4"], num_classes, 1)      # on up(conv5_4), 1/16: training, mode sub4
+        self.cls_sub24 = nn.Conv2d(ch["cff_sub24"], num_classes, 1)   # on up(sub24), 1/8: training, mode sub24
+        self.cls_sub124 = nn.Conv2d(ch["cff_sub12"], num_classes, 1)  # on up(sub12), 1/4
+        self.cls_sub4.channel_groups = ("conv5_4", "classes")
+        self.cls_sub24.channel_groups = ("cff_sub24", "classes")
+        self.cls_sub124.channel_groups = ("cff_sub12", "classes")
 
     def forward(self, image: torch.Tensor):
         sub2 = caffe_resize(image, shrink=2)
@@ -119,6 +156,17 @@ class ICNet(nn.Module):
         for _ in range(3):
             h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         return h, w
+
+
+def _checked_channels(channels: dict[str, int]) -> dict[str, int]:
+    missing, unknown = PSPNET50_CHANNELS.keys() - channels.keys(), channels.keys() - PSPNET50_CHANNELS.keys()
+    if missing or unknown:
+        raise ValueError(f"channels must give every channel group of ICNet: missing {sorted(missing)[:5]}, "
+                         f"unknown {sorted(unknown)[:5]}")
+    bad = {group: count for group, count in channels.items() if not (isinstance(count, int) and count >= 1)}
+    if bad:
+        raise ValueError(f"channels must be positive integers, got {bad}")
+    return dict(channels)
 
 
 def _zoom2(x) -> tuple[int, int]:
