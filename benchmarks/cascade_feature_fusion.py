@@ -5,7 +5,8 @@ plus the 1x1 projection, both at high's resolution; resize, BN, add and ReLU not
 divide it in every variant so that they compare across variants and providers. In the shortcut variant
 (ICNet's exact 2x zoom, align_corners=True, dilation 2) the 3x3 conv commutes with the resize and can run
 at low's resolution, so dense_flops, which the roofline floor uses, counts 2*N*Co*(h*w*9*Cl + H*W*Ch):
-about 3x (sub24) and 3.4x (sub12) fewer.
+about 3x (sub24) and 3.4x (sub12) fewer. direct_flops and dense_flops say so for any shape; the end-to-end
+benchmark counts ICNet's CFF units with them too.
 """
 
 import math
@@ -39,6 +40,24 @@ def eager_cascade_feature_fusion(low, high, weight_low, weight_high, scale_low, 
                                             shift_high, dilation, align_corners)
 
 
+def direct_flops(low_shape, high_shape, out_channels: int) -> int:
+    """The definition's arithmetic: the 3x3 conv over the upsampled map and the 1x1 projection, both at
+    high's resolution, 2 FLOPs per multiply-add."""
+    batch, low_channels = low_shape[:2]
+    high_channels, height, width = high_shape[1:]
+    return 2 * batch * height * width * out_channels * (9 * low_channels + high_channels)
+
+
+def dense_flops(low_shape, high_shape, out_channels: int, dilation: int, align_corners: bool) -> int:
+    """The cheapest exact evaluation's arithmetic: on the shortcut's geometry the 3x3 conv runs at low's
+    resolution; elsewhere the definition's."""
+    batch, low_channels, h, w = low_shape
+    high_channels, height, width = high_shape[1:]
+    if not exact_shortcut(h, w, height, width, dilation, align_corners):
+        return direct_flops(low_shape, high_shape, out_channels)
+    return 2 * batch * out_channels * (h * w * 9 * low_channels + height * width * high_channels)
+
+
 def _case(stage: str, align_corners: bool, batch: int, dtype: torch.dtype) -> Case:
     low_channels, (h, w), high_channels, (height, width) = STAGES[stage]
     params = {"dilation": DILATION, "align_corners": align_corners}
@@ -48,13 +67,11 @@ def _case(stage: str, align_corners: bool, batch: int, dtype: torch.dtype) -> Ca
     out_shape = (batch, OUT_CHANNELS, height, width)
     elements = (math.prod(low_shape) + math.prod(high_shape) + math.prod(out_shape)
                 + OUT_CHANNELS * (9 * low_channels + high_channels + 4))  # both weights and four BN vectors
-    flops = 2 * batch * height * width * OUT_CHANNELS * (9 * low_channels + high_channels)
-    dense_flops = flops
-    if shortcut:
-        dense_flops = 2 * batch * OUT_CHANNELS * (h * w * 9 * low_channels + height * width * high_channels)
+    flops = direct_flops(low_shape, high_shape, OUT_CHANNELS)
+    dense = dense_flops(low_shape, high_shape, OUT_CHANNELS, DILATION, align_corners)
     variant = f"{stage}-{'shortcut' if shortcut else 'general'}"
     return Case(op=NAME, variant=variant, shape=low_shape, dtype=dtype, params=params,
-                min_bytes=elements * dtype.itemsize, flops=flops, dense_flops=dense_flops,
+                min_bytes=elements * dtype.itemsize, flops=flops, dense_flops=dense,
                 details={"high_shape": list(high_shape), "out_shape": list(out_shape)})
 
 

@@ -6,7 +6,23 @@ Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, Batch
 random state_dict. Runners: eager; on a GPU also torch.compile (default and max-autotune) of the reference
 and CUDA-graph replay of the fused build. Rows: latency p20/p50/p80, fps, peak memory (GPU), argmax
 agreement with the reference build, speedup over the reference build run eagerly in the same layout.
-Writes <out>/icnet-<device>.json and prints a table.
+
+Roofline (benchmarks.network_cost, benchmarks.roofline), the same in every row of a configuration: flops
+and conv_flops, the network's definition (the reference build, FlopCounterMode, 2 per multiply-add), and
+tflops, flops over p50; dense_flops, what the fused build's exact shortcuts leave of it; min_bytes, the
+image read, the logits written and the weights read once (min_bytes_parts), and layerwise_bytes, that plus
+every intermediate activation written once and read once. floor_ms = max(min_bytes / bandwidth,
+dense_flops / dense rate), layerwise_floor_ms the same with layerwise_bytes, each with its bound and the
+percentage of p50 it is (pct_of_roofline_floor, pct_of_layerwise_floor). The peaks (meta.roofline_peaks):
+datasheet figures for known GPUs, else the copy bandwidth and dense rate measured in this run (recorded
+in meta either way).
+
+Layer groups (benchmarks.layer_groups): the eager rows of both builds carry layer_groups_ms, the median ms
+per call of trunk, sub4_branch, ppm, conv5_4, cff_sub24, sub1 and cff_sub12 (those the mode runs), timed
+by hooks on ICNet's submodules in separate calls, and head, the total minus those: classifier and final
+resizes.
+
+Writes <out>/icnet-<device>.json and, with matplotlib, a PNG chart beside it; prints tables.
 """
 
 import argparse
@@ -17,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report, timing
+from benchmarks import layer_groups, network_cost, plot, report, roofline, timing
 from icnet import ICNet
 from icnet.graphs import CudaGraphRunner
 
@@ -76,9 +92,16 @@ def runners(models: dict, config: Config, device: torch.device, x: torch.Tensor)
     return found
 
 
-def run_config(config: Config, device: torch.device, effort: timing.Effort) -> list[dict]:
+# Calls per build for the layer-group medians: each CPU call of the full network takes a good part of a
+# second on a few cores; on a GPU a call takes milliseconds.
+LAYER_GROUP_CALLS = {"cpu": 5, "cuda": 25}
+EAGER_BUILDS = {"reference-eager": "reference", "fused-eager": "fused"}
+
+
+def run_config(config: Config, device: torch.device, effort: timing.Effort, peaks: roofline.Peaks) -> list[dict]:
     models = build_models(config, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, INPUT_SIZE)
     x = (torch.randn(config.batch, 3, *INPUT_SIZE, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
     rows, ready = [], {}
     with torch.inference_mode():
@@ -101,12 +124,20 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort) -> l
                 torch.cuda.synchronize()
                 peak_mb[name] = torch.cuda.max_memory_allocated() / 2**20
         times = timing.time_together_ms({name: (lambda fn=fn: fn(x)) for name, fn in ready.items()}, device, effort)
+        groups = {}
+        for runner, build in EAGER_BUILDS.items():
+            if runner in ready:
+                log.info("  layer groups: %s", build)
+                groups[runner] = layer_groups.layer_group_ms(models[build], x, LAYER_GROUP_CALLS[device.type])
     for row in rows:
         if row["runner"] in times:
             p20, p50, p80 = times[row["runner"]]
             row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "fps": config.batch * 1e3 / p50}
+            row |= cost | _roofline_fields(cost, p50, peaks, row["dtype"])
             if row["runner"] in peak_mb:
                 row["peak_memory_mb"] = peak_mb[row["runner"]]
+            if row["runner"] in groups:
+                row["layer_groups_ms"] = groups[row["runner"]]
     base = next((r for r in rows if r["runner"] == "reference-eager" and "p50_ms" in r), None)
     for row in rows:
         if base is not None and "p50_ms" in row:
@@ -114,8 +145,23 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort) -> l
     return rows
 
 
+def _roofline_fields(cost: dict, p50_ms: float, peaks: roofline.Peaks, dtype: str) -> dict:
+    rate = peaks.tflops[dtype]
+    floor_ms, bound = roofline.floor_ms(cost["min_bytes"], cost["dense_flops"], peaks.gbps, rate)
+    layerwise_ms, layerwise_bound = roofline.floor_ms(cost["layerwise_bytes"], cost["dense_flops"], peaks.gbps, rate)
+    return {"tflops": cost["flops"] / p50_ms / 1e9,
+            "floor_ms": floor_ms, "roofline_bound": bound, "pct_of_roofline_floor": 100 * floor_ms / p50_ms,
+            "layerwise_floor_ms": layerwise_ms, "layerwise_bound": layerwise_bound,
+            "pct_of_layerwise_floor": 100 * layerwise_ms / p50_ms}
+
+
+def _config_label(row: dict) -> str:
+    return f"{row['mode']} batch {row['batch']} {row['dtype']} {row['layout']}"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'mode':7} {'batch':>5} {'dtype':9} {'layout':13} {'runner':32} {'p50 ms':>9} {'fps':>8} {'speedup':>8} {'argmax':>7}"
+    head = (f"{'mode':7} {'batch':>5} {'dtype':9} {'layout':13} {'runner':32} {'p50 ms':>9} {'fps':>8} "
+            f"{'speedup':>8} {'argmax':>7} {'TFLOP/s':>8} {'% floor':>8} {'% layerwise':>11}")
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -123,8 +169,34 @@ def format_table(rows: list[dict]) -> str:
             continue
         lines.append(f"{r['mode']:7} {r['batch']:>5} {r['dtype']:9} {r['layout']:13} {r['runner']:32} "
                      f"{r['p50_ms']:9.2f} {r['fps']:8.2f} {r.get('speedup_vs_reference_eager', 0):7.2f}x "
-                     f"{r['argmax_agreement']:7.4f}")
+                     f"{r['argmax_agreement']:7.4f} {r['tflops']:8.3g} {r['pct_of_roofline_floor']:8.3g} "
+                     f"{r['pct_of_layerwise_floor']:11.3g}")
     return "\n".join(lines)
+
+
+def format_roofline(rows: list[dict]) -> str:
+    """One line per configuration: what the network must compute and move, and the floors that sets."""
+    lines = ["roofline per configuration (GFLOP: definition / dense; GB: min / layerwise; floor ms: min / layerwise)"]
+    for r in {_config_label(r): r for r in rows if "floor_ms" in r}.values():
+        lines.append(f"{_config_label(r):40} {r['flops'] / 1e9:7.2f} / {r['dense_flops'] / 1e9:7.2f} GFLOP  "
+                     f"{r['min_bytes'] / 1e9:6.3f} / {r['layerwise_bytes'] / 1e9:6.3f} GB  "
+                     f"floor {r['floor_ms']:8.3f} ms ({r['roofline_bound']}) / {r['layerwise_floor_ms']:8.3f} ms "
+                     f"({r['layerwise_bound']})")
+    return "\n".join(lines)
+
+
+def format_layer_groups(rows: list[dict]) -> str:
+    """Per configuration, the median ms of each layer group in each eager build (head: total minus the rest)."""
+    blocks = []
+    for label in dict.fromkeys(_config_label(r) for r in rows if "layer_groups_ms" in r):
+        builds = {r["runner"]: r["layer_groups_ms"] for r in rows
+                  if "layer_groups_ms" in r and _config_label(r) == label}
+        lines = [f"layer groups, ms: {label:38} " + " ".join(f"{runner:>16}" for runner in builds)]
+        for group in dict.fromkeys(g for times in builds.values() for g in times):
+            lines.append(f"  {group:54} " + " ".join(f"{times.get(group, float('nan')):16.2f}"
+                                                    for times in builds.values()))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def main(argv=None) -> int:
@@ -139,13 +211,25 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     effort = timing.QUICK if args.quick else timing.Effort(cpu_min_run_s=1.0, cpu_min_samples=5,
                                                            gpu_warmup_ms=100, gpu_rep_ms=500)
-    rows = [row for config in configs(device, args.quick) for row in run_config(config, device, effort)]
-    run_meta = report.meta(device, None, {}, {}, args.quick) | {"benchmark": "icnet end to end"}
+    chosen = configs(device, args.quick)
+    measured = roofline.measured_peaks((config.dtype for config in chosen), device, effort)
+    peaks = measured
+    if device.type == "cuda":
+        peaks = roofline.datasheet_peaks(report.device_name(device), timing.fp32_matmul_uses_tf32(device)) or measured
+    log.info("roofline peaks (%s): %.1f GB/s, %s TFLOP/s", peaks.source, peaks.gbps,
+             ", ".join(f"{dtype} {rate:.3g}" for dtype, rate in peaks.tflops.items()))
+    rows = [row for config in chosen for row in run_config(config, device, effort, peaks)]
+    group_spans = {group: [list(point) for point in span] for group, span in layer_groups.GROUPS.items()}
+    run_meta = (report.meta(device, measured.gbps, measured.dense_rates, measured.tflops, args.quick)
+                | {"benchmark": "icnet end to end", "input_size": list(INPUT_SIZE), "roofline_peaks": peaks.describe(),
+                   "layer_groups": group_spans | {layer_groups.HEAD: "total minus the groups that ran"}})
     suffix = "-quick" if args.quick else ""
     path = args.out / f"icnet-{report.slug(report.device_name(device))}{suffix}.json"
     report.write_json(path, run_meta, rows)
-    print(format_table(rows))
-    print(f"wrote {path}", file=sys.stderr)
+    print(format_table(rows), format_roofline(rows), format_layer_groups(rows), sep="\n\n")
+    log.info("wrote %s", path)
+    if plot.matplotlib_available():
+        log.info("wrote %s", plot.write_plot(path))
     return 0
 
 

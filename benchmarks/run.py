@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cascade_feature_fusion, plot, pyramid_pool_sum, report, timing
-from benchmarks.case import Case, OpBenchmark, dtype_name
+from benchmarks import cascade_feature_fusion, plot, pyramid_pool_sum, report, roofline, timing
+from benchmarks.case import Case, OpBenchmark
 
 OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum, cascade_feature_fusion)}
 BASELINE = "eager"
@@ -47,12 +47,9 @@ def _errors(out: torch.Tensor, expected: torch.Tensor) -> dict:
 
 def _throughput(case: Case, p50_ms: float, copy_gbps: float, peak_tflops: float) -> dict:
     seconds = p50_ms * 1e-3
-    memory_ms = case.min_bytes / copy_gbps / 1e6
-    compute_ms = case.dense_flops / peak_tflops / 1e9
-    floor_ms = max(memory_ms, compute_ms)
+    floor_ms, bound = roofline.floor_ms(case.min_bytes, case.dense_flops, copy_gbps, peak_tflops)
     return {"gbps": case.min_bytes / seconds / 1e9, "tflops": case.flops / seconds / 1e12, "floor_ms": floor_ms,
-            "roofline_bound": "memory" if memory_ms >= compute_ms else "compute",
-            "pct_of_roofline_floor": 100 * floor_ms / p50_ms}
+            "roofline_bound": bound, "pct_of_roofline_floor": 100 * floor_ms / p50_ms}
 
 
 def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
@@ -105,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     device = _device(args.device)
     effort = timing.QUICK if args.quick else timing.FULL
     work = [(OPS[name], case) for name in args.ops for case in OPS[name].cases(device, args.quick)]
-    copy_gbps = timing.copy_gbps(max(case.min_bytes for _, case in work), device, effort)
+    peaks = roofline.measured_peaks((case.dtype for _, case in work), device, effort,
+                                    max(case.min_bytes for _, case in work))
+    copy_gbps, dense_tflops, peak_tflops = peaks.gbps, peaks.dense_rates, peaks.tflops
     log.info("copy bandwidth on %s: %.1f GB/s", device, copy_gbps)
-    dense_tflops = {dtype_name(dtype): timing.dense_tflops(dtype, device, effort)
-                    for dtype in dict.fromkeys(case.dtype for _, case in work)}
-    peak_tflops = {dtype: max(rates.values()) for dtype, rates in dense_tflops.items()}
     for dtype, rates in dense_tflops.items():
         log.info("dense rates in %s: %s TFLOP/s", dtype,
                  ", ".join(f"{problem} {rate:.3g}" for problem, rate in rates.items()))

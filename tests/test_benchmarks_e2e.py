@@ -1,0 +1,182 @@
+"""The end-to-end benchmark's arithmetic: FLOP and byte counts against closed forms, the layer-group timer's
+bookkeeping on a tiny input, and the roofline floor on hand-picked numbers. No timing is asserted."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icnet_kernels
+from benchmarks import icnet_e2e, layer_groups, network_cost, plot, roofline
+from icnet import ICNet
+from icnet.layers import ConvBN, ReferenceCascadeFeatureFusion
+
+
+def conv2d_flops(input_shape, conv: nn.Conv2d) -> int:
+    """2 * N * Cout * (Cin / groups) * kh * kw * Hout * Wout."""
+    out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride
+           in zip(input_shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return (2 * input_shape[0] * conv.out_channels * (conv.in_channels // conv.groups)
+            * math.prod(conv.kernel_size) * math.prod(out))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_flops_of_one_conv2d_are_twice_its_multiply_adds(groups):
+    conv = nn.Conv2d(6, 9, 3, stride=2, padding=2, dilation=2, groups=groups)
+    x = torch.randn(2, 6, 17, 23)
+    # 9x12 outputs: (17 + 4 - 4 - 1) // 2 + 1 and (23 + 4 - 4 - 1) // 2 + 1
+    expected = 2 * 2 * 9 * (6 // groups) * 9 * 9 * 12
+    assert conv2d_flops(x.shape, conv) == expected
+    assert network_cost.count_flops(conv, x) == {"total": expected, "convolution": expected, "dense": expected}
+
+
+class TinyCascade(nn.Module):
+    """ICNet in miniature: a stride-2 stem, pooling, a dilated conv, a fusion unit on the exact 2x zoom, a
+    classifier with bias."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.stem = ConvBN(3, 8, 3, 2, fused=fused)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.deep = ConvBN(8, 16, 3, 1, dilation=2, fused=fused)
+        fusion = icnet_kernels.CascadeFeatureFusion if fused else ReferenceCascadeFeatureFusion
+        self.cff = fusion(16, 8, 12, 2)
+        self.cls = nn.Conv2d(12, 5, 1)
+
+    def forward(self, image):
+        high = self.stem(image)
+        return self.cls(self.cff(self.deep(self.pool(high)), high))
+
+
+def _tiny_cascade_flops() -> tuple[int, int]:
+    """(definition, cheapest exact) FLOPs of TinyCascade on a 65x129 image: stem 33x65, pooled 17x33."""
+    stem = 2 * 8 * 3 * 9 * 33 * 65
+    deep = 2 * 16 * 8 * 9 * 17 * 33
+    cls = 2 * 5 * 12 * 33 * 65
+    cff_direct = 2 * 33 * 65 * 12 * (9 * 16 + 8)
+    cff_shortcut = 2 * 12 * (17 * 33 * 9 * 16 + 33 * 65 * 8)  # the 3x3 conv at the low map's 17x33
+    return stem + deep + cls + cff_direct, stem + deep + cls + cff_shortcut
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_flops_of_a_tiny_icnet_like_network_match_the_closed_form(fused):
+    with torch.device("meta"):
+        model, image = TinyCascade(fused).eval(), torch.empty(1, 3, 65, 129)
+    direct, shortcut = _tiny_cascade_flops()
+    counted = network_cost.count_flops(model, image)
+    assert counted["dense"] == shortcut
+    if not fused:  # the fused unit's op has no FlopCounterMode formula: only dense counts it
+        assert counted["total"] == counted["convolution"] == direct
+
+
+def test_icnet_convolution_flops_are_the_sum_over_its_convolutions():
+    with torch.device("meta"):
+        model, image = ICNet(mode="sub124", fused=False).eval(), torch.empty(1, 3, 1025, 2049)
+    expected = []
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.register_forward_pre_hook(lambda module, args: expected.append(conv2d_flops(args[0].shape, module)))
+    counted = network_cost.count_flops(model, image)
+    assert counted["convolution"] == sum(expected)
+    assert len(expected) == 64  # stems 2 * 3, bottlenecks 16 * 3 + 4 projections, conv5_4, fusions 2 * 2, classifier
+
+
+class ConvResizeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1, bias=False)
+
+    def forward(self, x):
+        return self.b(F.interpolate(self.a(x), scale_factor=2.0))
+
+
+def test_bytes_count_each_activation_between_layers_once_each_way():
+    counted = network_cost.count_bytes(ConvResizeConv().eval(), torch.randn(1, 3, 5, 7))
+    # a's output (4x5x7) and the resize's (4x10x14), each written once and read once
+    assert counted == {"image": 3 * 35 * 4, "logits": 2 * 140 * 4, "weights": (12 + 4 + 8 + 2) * 4,
+                       "activations": 2 * (4 * 35 + 4 * 140) * 4}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny inputs run best on one thread, and a busy shared machine cannot oversubscribe it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# Every part of ICNet's forward but the head, in forward order; the sub4 mode stops after conv5_4.
+TIMED_GROUPS = {"sub4": ["trunk", "sub4_branch", "ppm", "conv5_4"],
+                "sub124": ["trunk", "sub4_branch", "ppm", "conv5_4", "cff_sub24", "sub1", "cff_sub12"]}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("mode", ["sub4", "sub124"])
+def test_layer_groups_cover_the_timed_submodules_within_the_total(device, fused, mode):
+    model = ICNet(mode=mode, fused=fused).eval().to(device)
+    x = torch.randn(1, 3, 65, 129, device=device)
+    samples = layer_groups.layer_group_samples_ms(model, x, repeats=2)
+    assert len(samples) == 2
+    for sample in samples:
+        assert list(sample) == [*TIMED_GROUPS[mode], layer_groups.HEAD, "total"]
+        assert all(ms >= 0 for ms in sample.values()), sample
+        timed_ms = sum(ms for group, ms in sample.items() if group in layer_groups.GROUPS)
+        assert timed_ms <= sample["total"]
+        assert timed_ms + sample[layer_groups.HEAD] == pytest.approx(sample["total"])
+    medians = layer_groups.layer_group_ms(model, x, repeats=1)
+    assert sum(ms for group, ms in medians.items() if group != "total") == pytest.approx(medians["total"])
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def test_floor_is_the_slower_of_memory_and_arithmetic():
+    # 2 GB at 1000 GB/s: 2 ms; 1 TFLOP at 100 TFLOP/s: 10 ms
+    assert roofline.floor_ms(2e9, 1e12, 1000, 100) == (pytest.approx(10.0), "compute")
+    assert roofline.floor_ms(2e9, 1e11, 1000, 100) == (pytest.approx(2.0), "memory")
+    assert roofline.floor_ms(2e9, 0, 1000, 100) == (pytest.approx(2.0), "memory")
+
+
+def test_end_to_end_rows_report_the_share_of_each_floor():
+    cost = {"flops": 4e12, "dense_flops": 2e12, "min_bytes": 1e9, "layerwise_bytes": 3e12}
+    peaks = roofline.Peaks(gbps=1000, tflops={"float32": 1.0}, source="hand-picked")
+    # dense: 2e12 at 1 TFLOP/s is 2000 ms; min bytes 1 ms; layerwise bytes 3000 ms
+    fields = icnet_e2e._roofline_fields(cost, 4000.0, peaks, "float32")
+    assert fields == {"tflops": pytest.approx(1.0), "floor_ms": pytest.approx(2000), "roofline_bound": "compute",
+                      "pct_of_roofline_floor": pytest.approx(50),
+                      "layerwise_floor_ms": pytest.approx(3000), "layerwise_bound": "memory",
+                      "pct_of_layerwise_floor": pytest.approx(75)}
+
+
+@pytest.mark.parametrize("name, tf32, expected", [
+    ("NVIDIA H100 80GB HBM3", True, (3350, 495, 989)),
+    ("NVIDIA H100 80GB HBM3", False, (3350, 67, 989)),
+    ("NVIDIA H100 PCIe", True, (2000, 378, 756)),
+    ("NVIDIA H200", True, (4800, 495, 989)),
+])
+def test_datasheet_peaks_of_known_gpus(name, tf32, expected):
+    peaks = roofline.datasheet_peaks(name, tf32)
+    assert (peaks.gbps, peaks.tflops["float32"], peaks.tflops["bfloat16"]) == expected
+
+
+def test_unknown_devices_have_no_datasheet_peaks():
+    assert roofline.datasheet_peaks("AMD EPYC", False) is None
+
+
+def test_end_to_end_chart_is_written_beside_the_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = {"mode": "sub124", "batch": 1, "dtype": "float32", "layout": "nchw", "floor_ms": 5.0,
+              "layerwise_floor_ms": 9.0}
+    rows = [config | {"runner": runner, "p20_ms": ms - 1, "p50_ms": ms, "p80_ms": ms + 1,
+                      "layer_groups_ms": {"trunk": ms / 2, "ppm": ms / 4, layer_groups.HEAD: ms / 4, "total": ms}}
+            for runner, ms in (("reference-eager", 40.0), ("fused-eager", 20.0))]
+    results = tmp_path / "icnet-test.json"
+    results.write_text(json.dumps({"meta": {"benchmark": "icnet end to end", "device": "test", "device_kind": "cpu",
+                                            "torch": torch.__version__, "git_commit": "0" * 40}, "rows": rows}))
+    png = plot.write_plot(results)
+    assert png == tmp_path / "icnet-test.png" and png.stat().st_size > 0
