@@ -164,11 +164,11 @@ def format_table(rows: list[dict]) -> str:
             f"{'speedup':>8} {'argmax':>7} {'TFLOP/s':>8} {'% floor':>8} {'% layerwise':>11}")
     lines = [head]
     for r in rows:
+        label = f"{r['mode']:7} {r['batch']:>5} {r['dtype']:9} {r['layout']:13} {r['runner']:32} "
         if "error" in r:
-            lines.append(f"{r['mode']:7} {r['batch']:>5} {r['dtype']:9} {r['layout']:13} {r['runner']:32} {r['error']}")
+            lines.append(label + r["error"])
             continue
-        lines.append(f"{r['mode']:7} {r['batch']:>5} {r['dtype']:9} {r['layout']:13} {r['runner']:32} "
-                     f"{r['p50_ms']:9.2f} {r['fps']:8.2f} {r.get('speedup_vs_reference_eager', 0):7.2f}x "
+        lines.append(label + f"{r['p50_ms']:9.2f} {r['fps']:8.2f} {r.get('speedup_vs_reference_eager', 0):7.2f}x "
                      f"{r['argmax_agreement']:7.4f} {r['tflops']:8.3g} {r['pct_of_roofline_floor']:8.3g} "
                      f"{r['pct_of_layerwise_floor']:11.3g}")
     return "\n".join(lines)

@@ -77,15 +77,17 @@ def _train(args):
 def _evaluate(args):
     import json
 
+    import torch
+
     from icnet.checkpoint import load_checkpoint
     from icnet.data.datasets import make_dataset
     from icnet.evaluate import evaluate, format_report, report_dict
     from icnet.segment import best_device
 
-    device = best_device() if args.device is None else __import__("torch").device(args.device)
+    device = best_device() if args.device is None else torch.device(args.device)
     model, payload = load_checkpoint(args.weights, mode=args.mode)
-    dataset = make_dataset(args.dataset, args.split, args.root, args.binary, args.synthetic_val
-                           if args.split != "train" else args.synthetic_train, args.synthetic_size)
+    synthetic_count = args.synthetic_train if args.split == "train" else args.synthetic_val
+    dataset = make_dataset(args.dataset, args.split, args.root, args.binary, synthetic_count, args.synthetic_size)
     model = model.to(device).eval()
     matrix = evaluate(model, dataset, device=device, flip=args.flip, scales=args.scales,
                       num_classes=model.num_classes)

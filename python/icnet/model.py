@@ -128,14 +128,21 @@ class ICNet(nn.Module):
         x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
         if self.mode == "sub4" and not self.training:
             return self._logits(self.cls_sub4, x, _zoom2(x), image)
-        sub24, up_sub4 = self.cff_sub24(x, conv3_1, return_upsampled=True)
+        sub24, up_sub4 = self._fuse(self.cff_sub24, x, conv3_1)
         if self.mode == "sub24" and not self.training:
             return self._logits(self.cls_sub24, sub24, self._eighth(image), image)
         sub1 = self.sub1(image)
-        sub12, up_sub24 = self.cff_sub12(sub24, sub1, return_upsampled=True)
+        sub12, up_sub24 = self._fuse(self.cff_sub12, sub24, sub1)
         if not self.training:
             return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image)
         return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), self.cls_sub124(caffe_resize(sub12, zoom=2))
+
+    def _fuse(self, cff, low, high):
+        """A CFF unit's output and, in training only, up(low) for the label-guidance classifier: inference
+        does not compute or store the upsampled map."""
+        if self.training:
+            return cff(low, high, return_upsampled=True)
+        return cff(low, high), None
 
     def _logits(self, classifier, features, size, image):
         """classifier(resize(features, size)) resized to the image.

@@ -19,6 +19,7 @@ from icnet.data.datasets import make_dataset
 from icnet.evaluate import evaluate
 from icnet.layers import ConvBN
 from icnet.model import ICNet
+from icnet.segment import best_device
 from icnet.train import train
 
 FIXED_GROUPS = ("image", "classes")  # the input's channels and the logits are never pruned
@@ -114,7 +115,7 @@ def progressive_pruning(weights, keeps, finetune) -> list[dict]:
     original, class_names = dict(model.channels), payload["class_names"]
     val_set = make_dataset(finetune.dataset, "val", finetune.root, finetune.binary, finetune.synthetic_val,
                            finetune.synthetic_size)
-    device = torch.device(finetune.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(finetune.device) if finetune.device else best_device()
 
     def miou(candidate):
         return evaluate(candidate.to(device).eval(), val_set, device=device, num_classes=candidate.num_classes,

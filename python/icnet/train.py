@@ -18,11 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from icnet.cityscapes import IGNORE_INDEX
 from icnet.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from icnet.data.datasets import Augmented, make_dataset
 from icnet.distributed import World, init_from_environment, mean_over_processes, synchronise_batch_norm
 from icnet.evaluate import evaluate
-from icnet.cityscapes import IGNORE_INDEX
 from icnet.losses import LOSSES, PIXEL_MEAN_LOSSES, cascade_label_guidance
 from icnet.model import ICNet
 
