@@ -26,6 +26,7 @@ Writes <out>/icnet-<device>.json and, with matplotlib, a PNG chart beside it; pr
 """
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ def configs(device: torch.device, quick: bool) -> list[Config]:
                 + [Config("sub124", 1, torch.float32, True)])
     batches = (1,) if quick else (1, 16)
     dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return [Config(mode, batch, dtype, True) for mode in ("sub4", "sub24", "sub124") for batch in batches
-            for dtype in dtypes]
+    every = [Config(mode, batch, dtype, True) for mode in ("sub4", "sub24", "sub124") for batch in batches
+             for dtype in dtypes]
+    # the configurations the goals name first, so a run cut short has measured them
+    return sorted(every, key=lambda config: (config.mode, config.dtype) != ("sub124", torch.float16))
 
 
 def build_models(config: Config, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -80,16 +83,53 @@ def build_models(config: Config, device: torch.device) -> dict[str, torch.nn.Mod
             for name, model in (("reference", reference), ("fused", fused))}
 
 
-def runners(models: dict, config: Config, device: torch.device, x: torch.Tensor) -> dict:
-    found = {"reference-eager": models["reference"], "fused-eager": models["fused"]}
+def runner_factories(models: dict, config: Config, device: torch.device, x: torch.Tensor) -> dict:
+    """Name -> zero-argument function that builds the runner (a CUDA graph is captured when it is built)."""
+    found = {"reference-eager": lambda: models["reference"], "fused-eager": lambda: models["fused"]}
     if device.type == "cuda":
-        found["fused-cuda-graph"] = CudaGraphRunner(models["fused"], x)
-        # compiling takes minutes per configuration: the comparisons the goals name, sub124 in float16
+        found["fused-cuda-graph"] = lambda: CudaGraphRunner(models["fused"], x)
+        # compiling takes minutes per configuration: the comparisons the goals name, sub124 in float16.
+        # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels.
         if config.mode == "sub124" and config.dtype == torch.float16:
             torch._dynamo.reset()
-            found["reference-compile"] = torch.compile(models["reference"])
-            found["reference-compile-max-autotune"] = torch.compile(models["reference"], mode="max-autotune")
+            found["reference-compile"] = lambda: torch.compile(models["reference"])
+            found["reference-compile-max-autotune"] = lambda: torch.compile(models["reference"], mode="max-autotune")
     return found
+
+
+def _device_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _allocated_mb(device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def build_and_check(factory, x: torch.Tensor, expected: torch.Tensor, model_mb: float) -> tuple:
+    """Builds one runner, checks its argmax against the reference build and, on a GPU, measures its peak memory.
+
+    Peak memory is what this runner alone would hold at its busiest: its model's weights, the input, what it
+    keeps between calls (a graph's static buffers, compiled constants) and the most its call allocates on top.
+    A CUDA graph's replays allocate nothing (its memory is taken when it is captured), so a graph runner's
+    peak is read over its capture; cudagraph trees (compile max-autotune) record on their second call, so
+    every other runner's peak is read over its second call, with the first one's compiling behind it.
+    """
+    on_gpu = x.device.type == "cuda"
+    if on_gpu:
+        start_mb = _allocated_mb(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+    fn = factory()
+    agreement = (fn(x).argmax(1) == expected).float().mean().item()
+    if not on_gpu:
+        return fn, agreement, None
+    if not isinstance(fn, CudaGraphRunner):
+        torch.cuda.reset_peak_memory_stats(x.device)
+        fn(x)
+        torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device) / 2**20 - start_mb
+    input_mb = x.numel() * x.element_size() / 2**20
+    return fn, agreement, model_mb + input_mb + max(peak, 0.0)
 
 
 # Calls per build for the layer-group medians: each CPU call of the full network takes a good part of a
@@ -104,25 +144,22 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
     cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, INPUT_SIZE)
     x = (torch.randn(config.batch, 3, *INPUT_SIZE, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
     rows, ready = [], {}
+    model_mb = {"reference": _device_bytes(models["reference"]) / 2**20, "fused": _device_bytes(models["fused"]) / 2**20}
+    peak_mb = {}
     with torch.inference_mode():
         expected = models["reference"](x).argmax(1)
-        for name, fn in runners(models, config, device, x).items():
+        for name, factory in runner_factories(models, config, device, x).items():
             row = config.describe() | {"runner": name}
             log.info("icnet %s %s batch %d %s: %s", config.mode, row["dtype"], config.batch, row["layout"], name)
             try:
-                row["argmax_agreement"] = (fn(x).argmax(1) == expected).float().mean().item()
+                fn, row["argmax_agreement"], peak = build_and_check(
+                    factory, x, expected, model_mb["reference" if name.startswith("reference") else "fused"])
                 ready[name] = fn
+                if peak is not None:
+                    peak_mb[name] = peak
             except Exception as exc:  # a failing runner gets a row that says why
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rows.append(row)
-        peak_mb = {}
-        if device.type == "cuda":
-            for name, fn in ready.items():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                fn(x)
-                torch.cuda.synchronize()
-                peak_mb[name] = torch.cuda.max_memory_allocated() / 2**20
         times = timing.time_together_ms({name: (lambda fn=fn: fn(x)) for name, fn in ready.items()}, device, effort)
         groups = {}
         for runner, build in EAGER_BUILDS.items():
@@ -153,6 +190,20 @@ def _roofline_fields(cost: dict, p50_ms: float, peaks: roofline.Peaks, dtype: st
             "floor_ms": floor_ms, "roofline_bound": bound, "pct_of_roofline_floor": 100 * floor_ms / p50_ms,
             "layerwise_floor_ms": layerwise_ms, "layerwise_bound": layerwise_bound,
             "pct_of_layerwise_floor": 100 * layerwise_ms / p50_ms}
+
+
+CONFIG_KEYS = ("mode", "batch", "dtype", "layout", "input")
+
+
+def row_config(row: dict) -> dict:
+    return {key: row[key] for key in CONFIG_KEYS}
+
+
+def _rows_done(path: Path) -> list[dict]:
+    """The rows of an earlier, possibly interrupted run of this benchmark, [] when there is none."""
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["rows"]
 
 
 def _config_label(row: dict) -> str:
@@ -204,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--out", type=Path, default=report.REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the configurations already in the results file and measure only the rest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if args.device == "auto":
@@ -218,14 +271,19 @@ def main(argv=None) -> int:
         peaks = roofline.datasheet_peaks(report.device_name(device), timing.fp32_matmul_uses_tf32(device)) or measured
     log.info("roofline peaks (%s): %.1f GB/s, %s TFLOP/s", peaks.source, peaks.gbps,
              ", ".join(f"{dtype} {rate:.3g}" for dtype, rate in peaks.tflops.items()))
-    rows = [row for config in chosen for row in run_config(config, device, effort, peaks)]
     group_spans = {group: [list(point) for point in span] for group, span in layer_groups.GROUPS.items()}
     run_meta = (report.meta(device, measured.gbps, measured.dense_rates, measured.tflops, args.quick)
                 | {"benchmark": "icnet end to end", "input_size": list(INPUT_SIZE), "roofline_peaks": peaks.describe(),
                    "layer_groups": group_spans | {layer_groups.HEAD: "total minus the groups that ran"}})
     suffix = "-quick" if args.quick else ""
     path = args.out / f"icnet-{report.slug(report.device_name(device))}{suffix}.json"
-    report.write_json(path, run_meta, rows)
+    rows = _rows_done(path) if args.resume else []
+    for config in chosen:
+        if any(row_config(row) == config.describe() for row in rows):
+            log.info("already measured: %s", config.describe())
+            continue
+        rows += run_config(config, device, effort, peaks)
+        report.write_json(path, run_meta, rows)  # after every configuration, so a run cut short keeps its rows
     print(format_table(rows), format_roofline(rows), format_layer_groups(rows), sep="\n\n")
     log.info("wrote %s", path)
     if plot.matplotlib_available():

@@ -180,3 +180,31 @@ def test_end_to_end_chart_is_written_beside_the_results(tmp_path):
                                             "torch": torch.__version__, "git_commit": "0" * 40}, "rows": rows}))
     png = plot.write_plot(results)
     assert png == tmp_path / "icnet-test.png" and png.stat().st_size > 0
+
+
+def test_gpu_configurations_the_goals_name_come_first():
+    chosen = icnet_e2e.configs(torch.device("cuda"), quick=False)
+    assert len(chosen) == len(set(chosen)) == 18
+    assert [(c.mode, c.batch, c.dtype) for c in chosen[:2]] == [("sub124", 1, torch.float16), ("sub124", 16, torch.float16)]
+
+
+def test_resume_measures_only_the_configurations_missing_from_the_results(tmp_path, monkeypatch):
+    done, missing = (icnet_e2e.Config("sub4", 1, torch.float32, False), icnet_e2e.Config("sub24", 1, torch.float32, False))
+    measured = []
+
+    def fake_run_config(config, device, effort, peaks):
+        measured.append(config)
+        return [config.describe() | {"runner": "reference-eager", "p50_ms": 1.0}]
+
+    monkeypatch.setattr(icnet_e2e, "configs", lambda device, quick: [done, missing])
+    monkeypatch.setattr(icnet_e2e, "run_config", fake_run_config)
+    monkeypatch.setattr(roofline, "measured_peaks", lambda dtypes, device, effort: roofline.Peaks(
+        gbps=1.0, tflops={"float32": 1.0}, source="test", dense_rates={}))
+    monkeypatch.setattr(icnet_e2e, "format_table", lambda rows: "")
+    monkeypatch.setattr(plot, "matplotlib_available", lambda: False)
+    path = tmp_path / f"icnet-{icnet_e2e.report.slug(icnet_e2e.report.device_name(torch.device('cpu')))}-quick.json"
+    earlier = done.describe() | {"runner": "reference-eager", "p50_ms": 7.0}
+    path.write_text(json.dumps({"meta": {}, "rows": [earlier]}))
+    assert icnet_e2e.main(["--device", "cpu", "--quick", "--resume", "--out", str(tmp_path)]) == 0
+    assert measured == [missing]
+    assert [row["p50_ms"] for row in json.loads(path.read_text())["rows"]] == [7.0, 1.0]
