@@ -250,6 +250,26 @@ def format_layer_groups(rows: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+def format_markdown(rows: list[dict]) -> str:
+    """The README's table: one line per configuration and runner, with the compiled reference where measured."""
+    lines = ["| mode | batch | dtype | layout | runner | p50 ms | fps | peak MB | vs eager | vs compile max-autotune "
+             "| argmax agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    autotuned = {_config_label(r): r["p50_ms"] for r in rows
+                 if r["runner"] == "reference-compile-max-autotune" and "p50_ms" in r}
+    for r in rows:
+        if "p50_ms" not in r:
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['dtype']} | {r['layout']} | {r['runner']} | "
+                         f"failed: {r.get('error', '?')} | | | | | |")
+            continue
+        versus = autotuned.get(_config_label(r))
+        vs_autotuned = f"{versus / r['p50_ms']:.2f}x" if versus else "-"
+        peak = f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-"
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['dtype']} | {r['layout']} | {r['runner']} | {r['p50_ms']:.3g} "
+                     f"| {r['fps']:.4g} | {peak} | {r['speedup_vs_reference_eager']:.2f}x "
+                     f"| {vs_autotuned} | {100 * r['argmax_agreement']:.2f}% |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
@@ -257,7 +277,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true",
                         help="keep the configurations already in the results file and measure only the rest")
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
+                        help="print the README table of an earlier results file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(format_markdown(json.loads(args.markdown.read_text())["rows"]))
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

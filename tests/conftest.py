@@ -1,6 +1,6 @@
-"""Test setup: Triton runs interpreted on machines without a GPU, and outputs start as NaN.
+"""Test setup: Triton runs interpreted on machines without a GPU, untuned, and outputs start as NaN.
 
-TRITON_INTERPRET must be set before triton is first imported, which importing icnet_kernels does.
+TRITON_INTERPRET and ICNET_TRITON_AUTOTUNE must be set before icnet_kernels (and so triton) is imported.
 """
 
 import os
@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness does not need the fastest tile, and tuning compiles and times every tile for each new shape
+# (minutes per hypothesis test on a GPU). The benchmarks tune, and check the chosen tile against float64.
+os.environ.setdefault("ICNET_TRITON_AUTOTUNE", "0")
 
 from hypothesis import settings  # noqa: E402
 

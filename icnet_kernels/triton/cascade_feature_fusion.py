@@ -21,14 +21,31 @@ import triton.language as tl
 from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
 
 
+# Tiles for float16/bfloat16 (tensor cores) and for float32. float32 runs the dot at full precision
+# ("ieee"), which Triton unrolls into scalar FMAs: large tiles there take minutes to compile and spill, so
+# float32 gets small ones. (128, 128, 64) spilled registers for sm_90 and was dropped.
+_HALF_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
+               (64, 64, 64, 4, 3)]
+_FLOAT_TILES = [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]
+
+
 def _configs():
+    """Every tile the autotuner may try. ICNET_TRITON_AUTOTUNE=0 keeps the first tile of each dtype only
+    (the test suite sets it: each new shape would otherwise compile and time every tile)."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                 (64, 64, 32, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)]
-    ]
+    tune = os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0"
+    tiles = (_HALF_TILES if tune else _HALF_TILES[:1]) + (_FLOAT_TILES if tune else _FLOAT_TILES[:1])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+def _tiles_for_dtype(configs, named_args, **kwargs):
+    """Prunes the tile list to the dtype's own tiles (float32 or the 16-bit types)."""
+    wanted = _FLOAT_TILES if named_args["low_ptr"].dtype == torch.float32 else _HALF_TILES
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) in wanted]
+    return kept or configs
 
 
 @triton.jit
@@ -44,8 +61,12 @@ def _source_index(dst, in_size, scale, ALIGN: tl.constexpr):
     return i0, i1, lam
 
 
-@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "H", "W", "HAS_TAPS", "HAS_PROJ", "USE_PIXEL_LIST"])
-@triton.jit
+# Tuned per channel counts and pass (the dtype joins the key by itself); sizes and row/batch strides are not
+# specialised on, so a new image size reuses the compiled kernels.
+@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "USE_PIXEL_LIST"],
+                 prune_configs_by={"early_config_prune": _tiles_for_dtype})
+@triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation", "s_ln", "s_ly", "s_hn", "s_hy",
+                               "s_gn", "s_gy", "s_on", "s_oy"])
 def _cascade_feature_fusion_fwd_kernel(
     low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, pixel_ptr, out_ptr,
     Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,
@@ -71,8 +92,13 @@ def _cascade_feature_fusion_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if HAS_TAPS:
+        # One reduction loop over (tap, channel block) pairs: a single loop body for the compiler to
+        # pipeline, where nine unrolled loops made the kernel nine times larger.
         low_n = low_ptr + n * s_ln
-        for tap in tl.static_range(9):
+        k_blocks = tl.cdiv(Cl, BLOCK_K)
+        for step in range(0, 9 * k_blocks):
+            tap = step // k_blocks
+            cs = (step - tap * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
             ys = y + (tap // 3 - 1) * dilation
             xs = x + (tap % 3 - 1) * dilation
             inside = m_ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
@@ -84,25 +110,19 @@ def _cascade_feature_fusion_fwd_kernel(
             else:  # one source: no zero-weighted neighbour, whose NaN would leak (ATen copies in this case too)
                 y0, y1, ly = ys, ys, tl.zeros_like(ys).to(tl.float32)
                 x0, x1, lx = xs, xs, tl.zeros_like(xs).to(tl.float32)
-            w00 = ((1.0 - ly) * (1.0 - lx))[:, None]
-            w01 = ((1.0 - ly) * lx)[:, None]
-            w10 = (ly * (1.0 - lx))[:, None]
-            w11 = (ly * lx)[:, None]
-            o00 = (y0 * s_ly + x0 * s_lx)[:, None]
-            o01 = (y0 * s_ly + x1 * s_lx)[:, None]
-            o10 = (y1 * s_ly + x0 * s_lx)[:, None]
-            o11 = (y1 * s_ly + x1 * s_lx)[:, None]
-            for c0 in range(0, Cl, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                a_mask = inside[:, None] & (cs < Cl)[None, :]
-                channel = low_n + cs[None, :].to(tl.int64) * s_lc
-                a = (w00 * tl.load(channel + o00, mask=a_mask, other=0.0).to(tl.float32)
-                     + w01 * tl.load(channel + o01, mask=a_mask, other=0.0).to(tl.float32)
-                     + w10 * tl.load(channel + o10, mask=a_mask, other=0.0).to(tl.float32)
-                     + w11 * tl.load(channel + o11, mask=a_mask, other=0.0).to(tl.float32))
-                b = tl.load(w_low_ptr + (tap * Cl + cs)[:, None] * Co + offs_n[None, :],
-                            mask=(cs < Cl)[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(a.to(dot_dtype), b, input_precision=PRECISION)
+            a_mask = inside[:, None] & (cs < Cl)[None, :]
+            channel = low_n + cs[None, :].to(tl.int64) * s_lc
+            a = (((1.0 - ly) * (1.0 - lx))[:, None]
+                 * tl.load(channel + (y0 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                 + ((1.0 - ly) * lx)[:, None]
+                 * tl.load(channel + (y0 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                 + (ly * (1.0 - lx))[:, None]
+                 * tl.load(channel + (y1 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                 + (ly * lx)[:, None]
+                 * tl.load(channel + (y1 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32))
+            b = tl.load(w_low_ptr + (tap * Cl + cs)[:, None] * Co + offs_n[None, :],
+                        mask=(cs < Cl)[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a.to(dot_dtype), b, input_precision=PRECISION)
 
     if HAS_PROJ:
         pixel_offset = (y * s_hy + x * s_hx)[:, None]
