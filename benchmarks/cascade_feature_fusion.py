@@ -4,7 +4,8 @@ FLOPs: flops is the direct op's count, 2*N*H*W*Co*(9*Cl + Ch) (the dilated 3x3 c
 plus the 1x1 projection, both at high's resolution; resize, BN, add and ReLU not counted), and TFLOP/s
 divide it in every variant so that they compare across variants and providers. In the shortcut variant
 (ICNet's exact 2x zoom, align_corners=True, dilation 2) the 3x3 conv commutes with the resize and can run
-at low's resolution, so dense_flops, which the roofline floor uses, counts 2*N*Co*(h*w*9*Cl + H*W*Ch):
+at low's resolution, and in the general variant each tap's channel mix does (the CPU kernel's tap-first
+evaluation), so dense_flops, which the roofline floor uses, counts 2*N*Co*(h*w*9*Cl + H*W*Ch) in both:
 about 3x (sub24) and 3.4x (sub12) fewer. direct_flops and dense_flops say so for any shape; the end-to-end
 benchmark counts ICNet's CFF units with them too.
 """
@@ -16,7 +17,7 @@ import torch
 
 from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference
-from icnet_kernels.cff_geometry import exact_shortcut
+from icnet_kernels.cff_geometry import exact_shortcut, tap_first
 
 NAME = "cascade_feature_fusion"
 OUT_CHANNELS = 128
@@ -50,10 +51,11 @@ def direct_flops(low_shape, high_shape, out_channels: int) -> int:
 
 def dense_flops(low_shape, high_shape, out_channels: int, dilation: int, align_corners: bool) -> int:
     """The cheapest exact evaluation's arithmetic: on the shortcut's geometry the 3x3 conv runs at low's
-    resolution; elsewhere the definition's."""
+    resolution, and so do the nine per-tap channel mixes of the tap-first evaluation (any zoom that at least
+    doubles the pixel count); elsewhere the definition's."""
     batch, low_channels, h, w = low_shape
     high_channels, height, width = high_shape[1:]
-    if not exact_shortcut(h, w, height, width, dilation, align_corners):
+    if not (exact_shortcut(h, w, height, width, dilation, align_corners) or tap_first(h, w, height, width)):
         return direct_flops(low_shape, high_shape, out_channels)
     return 2 * batch * out_channels * (h * w * 9 * low_channels + height * width * high_channels)
 

@@ -4,7 +4,8 @@ python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/result
 
 Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, BatchNorm folded), sharing one
 random state_dict. Runners: eager; on a GPU also torch.compile (default and max-autotune) of the reference
-and CUDA-graph replay of the fused build. Rows: latency p20/p50/p80, fps, peak memory (GPU), argmax
+and CUDA-graph replay of the fused build, with its default (native CUDA) and its Triton kernels, and for
+the goal configurations torch.compile max-autotune of the fused build as well. Rows: latency p20/p50/p80, fps, peak memory (GPU), argmax
 agreement with the reference build, speedup over the reference build run eagerly in the same layout.
 
 Roofline (benchmarks.network_cost, benchmarks.roofline), the same in every row of a configuration: flops
@@ -29,6 +30,7 @@ import argparse
 import json
 import logging
 import sys
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +90,25 @@ def runner_factories(models: dict, config: Config, device: torch.device, x: torc
     found = {"reference-eager": lambda: models["reference"], "fused-eager": lambda: models["fused"]}
     if device.type == "cuda":
         found["fused-cuda-graph"] = lambda: CudaGraphRunner(models["fused"], x)
+        found["fused-triton-cuda-graph"] = lambda: CudaGraphRunner(with_backend(models["fused"], "triton"), x)
         # compiling takes minutes per configuration: the comparisons the goals name, sub124 in float16.
-        # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels.
+        # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels; the
+        # fused build compiles with its icnet ops kept whole.
         if config.mode == "sub124" and config.dtype == torch.float16:
             torch._dynamo.reset()
             found["reference-compile"] = lambda: torch.compile(models["reference"])
             found["reference-compile-max-autotune"] = lambda: torch.compile(models["reference"], mode="max-autotune")
+            found["fused-compile-max-autotune"] = lambda: torch.compile(models["fused"], mode="max-autotune")
     return found
+
+
+def with_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """A copy of the fused build whose icnet ops all run the named backend."""
+    copy = deepcopy(model)
+    for module in copy.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return copy
 
 
 def _device_bytes(module: torch.nn.Module) -> int:

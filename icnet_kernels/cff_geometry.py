@@ -10,6 +10,12 @@ def exact_shortcut(h: int, w: int, H: int, W: int, dilation: int, align_corners:
     return align_corners and dilation == 2 and H == 2 * h - 1 and W == 2 * w - 1 and H >= 3 and W >= 3
 
 
+def tap_first(h: int, w: int, H: int, W: int) -> bool:
+    """When low has at most half of high's pixels, the CPU kernel mixes channels per tap at low resolution
+    and gathers nine bilinear taps per output pixel (cff_tap_first in csrc/common/cff_geometry.h)."""
+    return 2 * h * w <= H * W
+
+
 def output_memory_format(high: torch.Tensor) -> torch.memory_format:
     """The kernels' output layout: channels_last when high is channels_last and not also plainly contiguous
     (cff_output_format in csrc/common/cff_args.h)."""

@@ -208,3 +208,11 @@ def test_resume_measures_only_the_configurations_missing_from_the_results(tmp_pa
     assert icnet_e2e.main(["--device", "cpu", "--quick", "--resume", "--out", str(tmp_path)]) == 0
     assert measured == [missing]
     assert [row["p50_ms"] for row in json.loads(path.read_text())["rows"]] == [7.0, 1.0]
+
+
+def test_with_backend_switches_every_icnet_op_of_a_copy():
+    fused = ICNet(mode="sub124", fused=True).eval()
+    switched = icnet_e2e.with_backend(fused, "triton")
+    backends = [m.backend for m in switched.modules() if hasattr(m, "backend")]
+    assert len(backends) == 3 and set(backends) == {"triton"}  # the pyramid pooling and both CFF units
+    assert {m.backend for m in fused.modules() if hasattr(m, "backend")} == {None}

@@ -185,6 +185,7 @@ EDGE_GEOMETRIES = [
     Geometry(1, 4, 2, 3, 5, 9, 9, 17, 2, False),
     Geometry(1, 4, 2, 3, 5, 9, 9, 17, 1, True),
     Geometry(1, 3, 3, 2, 4, 4, 8, 8, 2, False),
+    Geometry(1, 3, 2, 4, 5, 6, 6, 8, 2, False),  # under a 2x pixel ratio: the CPU's blocked path, not tap-first
 ]
 
 

@@ -28,6 +28,12 @@ ICNET_HD bool cff_exact_shortcut(const CffShape& s) {
   return s.align_corners && s.dilation == 2 && s.H == 2 * s.h - 1 && s.W == 2 * s.w - 1 && s.H >= 3 && s.W >= 3;
 }
 
+// Tap-first evaluation, exact for any geometry: the channel mixing of each tap commutes with the resize and
+// the shift, so conv3x3_dil(up(low)) = sum over taps t of shift_t(up(W_t . low)). The nine 1x1 mixes run at
+// low resolution, then each output pixel sums nine bilinear gathers. Worth it when low has at most half of
+// high's pixels: the dense work shrinks by H*W / (h*w), the gathers cost 36 reads per output element.
+ICNET_HD bool cff_tap_first(const CffShape& s) { return 2 * s.h * s.w <= s.H * s.W; }
+
 // Output pixels that the shortcut cannot produce and that are computed directly.
 ICNET_HD bool cff_shortcut_border(int64_t y, int64_t x, int64_t H, int64_t W) {
   return y == 1 || y == H - 2 || x == 1 || x == W - 2;

@@ -5,6 +5,10 @@
 // map is never stored whole) and convolved there; the 1x1 projection of the same rows is added, then bias
 // and ReLU as the block is written.
 //
+// Tap-first path (any real zoom, common/cff_geometry.h): the nine taps' channel mixes run as one 1x1
+// convolution of low to 9*Co channels at low resolution, and one threaded pass sums, per output pixel, the
+// nine bilinear gathers at the taps' shifted positions, plus the projection, bias and ReLU.
+//
 // Exact shortcut (ICNet's 2x zoom with dilation 2, common/cff_geometry.h): the 3x3 conv runs at low
 // resolution, and one threaded pass writes the bilinear gather of that result plus the projection, the
 // closed-form border corrections, bias and ReLU.
@@ -161,6 +165,79 @@ at::Tensor cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const 
   return out;
 }
 
+// One output row of the exact 2x zoom along y: source row r0 (even rows, weights 1 and 0 on r0 and r1) or
+// the mean of rows r0 and r1 (odd rows), over w columns.
+template <typename T>
+void zoom_2x(const T* r0, const T* r1, bool odd, int64_t w, T* out) {
+  const T w0 = odd ? T(0.5) : T(1), w1 = odd ? T(0.5) : T(0);
+  for (int64_t x = 0; x < w; ++x) out[x] = w0 * r0[x] + w1 * r1[x];
+}
+
+// Output channels per tap-first task: its nine maps (9 * 16 channels at low resolution) are computed by one
+// single-threaded 1x1 convolution inside the task and gathered while they are still in cache.
+constexpr int64_t kTapFirstChannels = 16;
+
+// Output positions [begin, end) along one axis whose tap at offset `shift` lands inside the map (outside
+// is the conv's zero padding, skipped rather than weighted by zero so that no NaN leaks in from there).
+std::pair<int64_t, int64_t> inside_range(int64_t size, int64_t shift) {
+  return {std::max<int64_t>(0, -shift), std::min(size, size - shift)};
+}
+
+template <typename scalar_t>
+at::Tensor cff_tap_first_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
+                             const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
+  using T = at::opmath_type<scalar_t>;
+  // [Co, Cl, 3, 3] -> [Co, 3, 3, Cl] -> [Co * 9, Cl, 1, 1]: channel co * 9 + tap of the maps is tap's mix for
+  // co, so a block of output channels owns a contiguous range of map channels
+  const at::Tensor tap_weights = as_opmath<T>(weight_low).permute({0, 2, 3, 1}).reshape({s.Co * 9, s.Cl, 1, 1});
+  const at::Tensor low_t = as_opmath<T>(low);
+  at::Tensor proj, out;
+  std::tie(proj, out) = projection_and_output<scalar_t>(high, weight_high, s);
+  const View4d<T> pr(proj);
+  const std::vector<T> b = to_buffer<T>(bias);
+  const AxisTaps<T> rows(s.h, s.H, s.align_corners), cols(s.w, s.W, s.align_corners);
+  scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
+  const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
+  const int64_t plane = s.h * s.w, d = s.dilation;
+  const int64_t blocks = (s.Co + kTapFirstChannels - 1) / kTapFirstChannels;
+  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> blended(s.w), acc(s.W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * kTapFirstChannels;
+      const int64_t c1 = std::min(s.Co, c0 + kTapFirstChannels);
+      const at::Tensor maps =
+          at::conv2d(low_t.narrow(0, n, 1), tap_weights.narrow(0, c0 * 9, (c1 - c0) * 9)).contiguous();
+      for (int64_t co = c0; co < c1; ++co) {
+        const T* co_maps = maps.const_data_ptr<T>() + (co - c0) * 9 * plane;  // [9, h, w]
+        for (int64_t y = 0; y < s.H; ++y) {
+          const T* p = pr.plane(n, co) + y * pr.sy;
+          for (int64_t x = 0; x < s.W; ++x) acc[x] = p[x * pr.sx] + b[co];
+          for (int64_t ky = 0; ky < 3; ++ky) {
+            const int64_t ys = y + (ky - 1) * d;
+            if (ys < 0 || ys >= s.H) continue;
+            const LinearTaps<T>& ty = rows.taps[ys];
+            for (int64_t kx = 0; kx < 3; ++kx) {
+              const T* map = co_maps + (ky * 3 + kx) * plane;
+              const T* r0 = map + ty.i0 * s.w;
+              const T* r1 = map + ty.i1 * s.w;
+              for (int64_t x = 0; x < s.w; ++x) blended[x] = ty.w0 * r0[x] + ty.w1 * r1[x];
+              const int64_t shift = (kx - 1) * d;
+              const auto [x_begin, x_end] = inside_range(s.W, shift);
+              for (int64_t x = x_begin; x < x_end; ++x) {
+                const LinearTaps<T>& tx = cols.taps[x + shift];
+                acc[x] += tx.w0 * blended[tx.i0] + tx.w1 * blended[tx.i1];
+              }
+            }
+          }
+          scalar_t* dst = y_out + n * on + co * oc + y * oy;
+          for (int64_t x = 0; x < s.W; ++x) dst[x * ox] = static_cast<scalar_t>(std::max(acc[x], T(0)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // Border corrections of the exact shortcut (see common/cff_geometry.h). Per axis, the dilation-2 tap of the
 // upsampled map differs from the upsampled tap of the low map only at position 1 for the first tap (by
 // -low[0] / 2) and at position H-2 for the last (by -low[h-1] / 2). Expanding the 2-D conv over both
@@ -202,7 +279,7 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
                             const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
   using T = at::opmath_type<scalar_t>;
   const at::Tensor low_t = as_opmath<T>(low), weight_t = as_opmath<T>(weight_low);
-  const at::Tensor conv_low = at::conv2d(low_t, weight_t, {}, 1, 1);
+  const at::Tensor conv_low = at::conv2d(low_t, weight_t, {}, 1, 1).contiguous();
   at::Tensor proj, out;
   std::tie(proj, out) = projection_and_output<scalar_t>(high, weight_high, s);
   const ShortcutBorder border = shortcut_border(low_t, weight_t, s);
@@ -212,7 +289,6 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
   const T* left = border.left.const_data_ptr<T>();  // [N, Co, H]
   const T* right = border.right.const_data_ptr<T>();
   const std::vector<T> b = to_buffer<T>(bias);
-  const AxisTaps<T> zoom_rows(s.h, s.H, true), zoom_cols(s.w, s.W, true);
   scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
   const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
   at::parallel_for(0, s.N * s.Co, 1, [&](int64_t begin, int64_t end) {
@@ -222,16 +298,19 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
       const T* low_plane = cl.plane(n, co);
       const T* proj_plane = pr.plane(n, co);
       for (int64_t y = 0; y < s.H; ++y) {
-        // bilinear gather of the low-resolution conv: blend its two rows, then interpolate along x
-        const LinearTaps<T>& ty = zoom_rows.taps[y];
-        const T* r0 = low_plane + ty.i0 * cl.sy;
-        const T* r1 = low_plane + ty.i1 * cl.sy;
-        for (int64_t x = 0; x < s.w; ++x) blended[x] = ty.w0 * r0[x * cl.sx] + ty.w1 * r1[x * cl.sx];
+        // bilinear gather of the low-resolution conv, blending its two rows and then along x. On the exact
+        // 2x zoom with align_corners the taps are fixed: an even position takes (1, 0) of sources (k, k+1),
+        // an odd one (1/2, 1/2). Written out, the loops vectorise; the products are those of the general
+        // taps (resize.h), zero weights included, so NaN and inf travel exactly as there.
+        zoom_2x(low_plane + (y / 2) * cl.sy, low_plane + std::min(y / 2 + 1, s.h - 1) * cl.sy, y % 2 == 1, s.w,
+                blended.data());
         const T* p = proj_plane + y * pr.sy;
-        for (int64_t x = 0; x < s.W; ++x) {
-          const LinearTaps<T>& tx = zoom_cols.taps[x];
-          row[x] = tx.w0 * blended[tx.i0] + tx.w1 * blended[tx.i1] + p[x * pr.sx] + b[co];
+        for (int64_t x = 0; x < s.w; ++x) {
+          const int64_t next = std::min(x + 1, s.w - 1);
+          row[2 * x] = blended[x] + T(0) * blended[next];
+          if (x + 1 < s.w) row[2 * x + 1] = T(0.5) * blended[x] + T(0.5) * blended[next];
         }
+        for (int64_t x = 0; x < s.W; ++x) row[x] += p[x * pr.sx] + b[co];
         if (y == 1)
           for (int64_t x = 0; x < s.W; ++x) row[x] += top[task * s.W + x];
         if (y == s.H - 2)
@@ -252,8 +331,9 @@ at::Tensor cascade_feature_fusion_cpu(const at::Tensor& low, const at::Tensor& h
   const CffShape s = make_cff_shape(low, high, weight_low, weight_high, bias, dilation, align_corners);
   if (s.N == 0) return at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, low.scalar_type(), "cascade_feature_fusion_cpu", [&] {
-    return cff_exact_shortcut(s) ? cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s)
-                                 : cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s);
+    if (cff_exact_shortcut(s)) return cff_shortcut_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s);
+    if (cff_tap_first(s)) return cff_tap_first_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s);
+    return cff_general_cpu<scalar_t>(low, high, weight_low, weight_high, bias, s);
   });
 }
 
