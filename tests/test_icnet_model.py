@@ -81,6 +81,25 @@ def test_fused_build_parity_bfloat16_channels_last():
     assert (actual - reference32).abs().max().item() <= 2 * (expected - reference32).abs().max().item() + 0.02 * scale
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fused_cpu_inference_runs_its_stem_channels_last_and_returns_the_image_layout(channels_last):
+    """The fused build's CPU inference convolves the large maps channels_last (a speed choice): the logits
+    keep the image's layout and the reference build's values."""
+    torch.manual_seed(0)
+    reference = ICNet(mode="sub124", fused=False).eval()
+    fused = ICNet(mode="sub124", fused=True).eval()
+    fused.load_state_dict(reference.state_dict())
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    image = (torch.randn(1, 3, 97, 161) * 60).contiguous(memory_format=layout)
+    assert fused._stem_layout(image) == torch.channels_last
+    assert reference._stem_layout(image) == layout and fused.train()._stem_layout(image) == layout
+    fused.eval()
+    with torch.inference_mode():
+        out, expected = fused(image), reference(image)
+    assert out.is_contiguous(memory_format=layout) and not (channels_last and out.is_contiguous())
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     model = randomize_batch_norm(ICNet(num_classes=5, width=0.25, mode="sub24"))
     save_checkpoint(tmp_path / "m.pt", model, class_names=list("abcde"), training_state={"epoch": 3})

@@ -121,9 +121,10 @@ class ICNet(nn.Module):
         self.cls_sub124.channel_groups = ("cff_sub12", "classes")
 
     def forward(self, image: torch.Tensor):
+        stem, layout = self._stem_layout(image), _memory_format(image)
         sub2 = caffe_resize(image, shrink=2)
-        x = self.conv2(self.pool1(self.conv1(sub2)))
-        conv3_1 = self.conv3_1(x)
+        x = self.conv2(self.pool1(self.conv1(sub2.contiguous(memory_format=stem))))
+        conv3_1 = self.conv3_1(x).contiguous(memory_format=layout)
         x = self.conv3_rest(caffe_resize(conv3_1, shrink=2))
         x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
         if self.mode == "sub4" and not self.training:
@@ -131,11 +132,24 @@ class ICNet(nn.Module):
         sub24, up_sub4 = self._fuse(self.cff_sub24, x, conv3_1)
         if self.mode == "sub24" and not self.training:
             return self._logits(self.cls_sub24, sub24, self._eighth(image), image)
-        sub1 = self.sub1(image)
+        sub1 = self.sub1(image.contiguous(memory_format=stem)).contiguous(memory_format=layout)
         sub12, up_sub24 = self._fuse(self.cff_sub12, sub24, sub1)
         if not self.training:
             return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image)
         return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), self.cls_sub124(caffe_resize(sub12, zoom=2))
+
+    def _stem_layout(self, image: torch.Tensor) -> torch.memory_format:
+        """The layout of the convolutions over the largest maps (the trunk up to conv3_1, and sub1).
+
+        In inference on the CPU the fused build runs them channels_last whatever the image's layout: oneDNN
+        convolves these few-channel, many-pixel maps 1.3-3x faster in it than in NCHW (which it reorders
+        into blocks and back, a pass over each large map), and max pooling runs 10x faster. Their outputs
+        return to the image's layout, so the rest of the network and the result keep it. Measured on a
+        2-vCPU EPYC, sub124 float32 NCHW at 1025x2049: 602 ms -> 467 ms; returning to NCHW after pool1
+        instead of conv3_1 gave 506 ms, after conv2 486 ms."""
+        if self.fused and not self.training and image.device.type == "cpu":
+            return torch.channels_last
+        return _memory_format(image)
 
     def _fuse(self, cff, low, high):
         """A CFF unit's output and, in training only, up(low) for the label-guidance classifier: inference
@@ -174,6 +188,13 @@ def _checked_channels(channels: dict[str, int]) -> dict[str, int]:
     if bad:
         raise ValueError(f"channels must be positive integers, got {bad}")
     return dict(channels)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor (that is not also plainly contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _zoom2(x) -> tuple[int, int]:
