@@ -46,7 +46,7 @@ for stage in $STAGES; do
     step "compute-sanitizer memcheck on the CUDA op tests"
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$SANITIZER" ]; then
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_S:-240}" "$SANITIZER" --tool memcheck --error-exitcode 99 \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=sanitizer timeout "${MEMCHECK_S:-240}" "$SANITIZER" --tool memcheck --error-exitcode 99 \
         python -m pytest -q -p no:cacheprovider -k "native-cuda" tests/test_pyramid_pool_sum.py \
         tests/test_cascade_feature_fusion.py > "$OUT/memcheck.txt" 2>&1
       code=$?

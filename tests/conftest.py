@@ -18,6 +18,8 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)
+# under compute-sanitizer every launch runs tens of times slower; the edge-geometry tests stay exhaustive
+settings.register_profile("sanitizer", max_examples=5, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
