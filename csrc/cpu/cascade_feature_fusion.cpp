@@ -22,7 +22,6 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/upsample_linear1d.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +30,7 @@
 #include <vector>
 
 #include "common/cff_args.h"
+#include "common/cff_border.h"
 #include "common/resize.h"
 
 namespace icnet {
@@ -236,39 +236,6 @@ at::Tensor cff_tap_first_cpu(const at::Tensor& low, const at::Tensor& high, cons
     }
   });
   return out;
-}
-
-// Border corrections of the exact shortcut (see common/cff_geometry.h). Per axis, the dilation-2 tap of the
-// upsampled map differs from the upsampled tap of the low map only at position 1 for the first tap (by
-// -low[0] / 2) and at position H-2 for the last (by -low[h-1] / 2). Expanding the 2-D conv over both
-// axes gives exactly:
-//   direct = up(conv3x3(low))
-//          - 1/2 [y == 1]   * conv1d_x,dil2(up_x(low[:, :, 0, :]),   weight[:, :, 0, :])
-//          - 1/2 [y == H-2] * conv1d_x,dil2(up_x(low[:, :, h-1, :]), weight[:, :, 2, :])
-//          - 1/2 [x == 1]   * up_y(conv1d_y(low[:, :, :, 0],   weight[:, :, :, 0]))
-//          - 1/2 [x == W-2] * up_y(conv1d_y(low[:, :, :, w-1], weight[:, :, :, 2]))
-// (the row terms use the direct form along x, the column terms the shortcut form along y). Each term is a
-// small 1-D conv over one edge of low: [N, Co, W] for rows, [N, Co, H] for columns.
-struct ShortcutBorder {
-  at::Tensor top, bottom, left, right;
-};
-
-ShortcutBorder shortcut_border(const at::Tensor& low, const at::Tensor& weight, const CffShape& s) {
-  // The 1-D convs run as 2-D ones over a single row or column, which ATen hands to oneDNN.
-  const auto row_term = [&](int64_t row, int64_t tap) {
-    const at::Tensor up_x = at::upsample_linear1d(low.select(2, row), {s.W}, true).unsqueeze(2);
-    return at::conv2d(up_x, weight.select(2, tap).unsqueeze(2), std::nullopt, at::IntArrayRef{1, 1},
-                      at::IntArrayRef{0, 2}, at::IntArrayRef{1, 2})
-        .squeeze(2)
-        .mul_(-0.5);
-  };
-  const auto col_term = [&](int64_t col, int64_t tap) {
-    const at::Tensor at_low = at::conv2d(low.select(3, col).unsqueeze(3), weight.select(3, tap).unsqueeze(3),
-                                         std::nullopt, at::IntArrayRef{1, 1}, at::IntArrayRef{1, 0});
-    return at::upsample_linear1d(at_low.squeeze(3), {s.H}, true).mul_(-0.5);
-  };
-  return {row_term(0, 0).contiguous(), row_term(s.h - 1, 2).contiguous(), col_term(0, 0).contiguous(),
-          col_term(s.w - 1, 2).contiguous()};
 }
 
 // Exact shortcut: the 3x3 conv at low resolution and the 1x1 projection are plain convolutions over the

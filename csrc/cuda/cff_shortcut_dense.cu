@@ -1,0 +1,116 @@
+// The exact CFF shortcut for float16 and bfloat16 on CUDA, with the dense work on the tensor cores.
+//
+// The shortcut (common/cff_geometry.h) splits the op into two convolutions and an elementwise pass: the
+// 3x3 conv of low at low resolution and the 1x1 projection of high are cuDNN convolutions (tensor cores,
+// float32 accumulation), the closed-form border corrections are small ATen ops (common/cff_border.h),
+// and one kernel writes, per output element, the bilinear 2x gather of the low-resolution conv plus the
+// projection, bias and border corrections, through ReLU. This is the CPU kernel's arithmetic
+// (cpu/cascade_feature_fusion.cpp) with cuDNN in oneDNN's place. float32 and float64 keep the implicit-GEMM
+// kernel (cascade_feature_fusion.cu), whose arithmetic is exact float32 where cuDNN may use TF32.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/cff_args.h"
+#include "common/cff_border.h"
+#include "common/resize.h"
+#include "cuda/cff_shortcut_dense.h"
+
+namespace icnet {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Strides4 {
+  int64_t n, c, y, x;
+  explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
+};
+
+struct EpilogueShape {
+  int64_t N, Co, h, w, H, W;
+  bool channels_last;  // the output's layout, which the element index follows so that stores coalesce
+};
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads)
+cff_shortcut_epilogue_kernel(EpilogueShape s, const scalar_t* __restrict__ conv_low, Strides4 cs,
+                             const scalar_t* __restrict__ proj, Strides4 ps, const T* __restrict__ bias,
+                             const T* __restrict__ top, const T* __restrict__ bottom, const T* __restrict__ left,
+                             const T* __restrict__ right, scalar_t* __restrict__ out, Strides4 os) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= s.N * s.Co * s.H * s.W) return;
+  int64_t n, co, y, x, rest;
+  if (s.channels_last) {
+    co = i % s.Co;
+    rest = i / s.Co;
+    x = rest % s.W;
+    rest /= s.W;
+    y = rest % s.H;
+    n = rest / s.H;
+  } else {
+    x = i % s.W;
+    rest = i / s.W;
+    y = rest % s.H;
+    rest /= s.H;
+    co = rest % s.Co;
+    n = rest / s.Co;
+  }
+  // bilinear gather of the low-resolution conv on the exact 2x zoom (align_corners), in resize.h's taps
+  const LinearTaps<T> ty = resize_taps<T>(y, s.h, s.H, true);
+  const LinearTaps<T> tx = resize_taps<T>(x, s.w, s.W, true);
+  const scalar_t* g = conv_low + n * cs.n + co * cs.c;
+  const auto at_g = [&](int64_t yy, int64_t xx) { return static_cast<T>(g[yy * cs.y + xx * cs.x]); };
+  T v = ty.w0 * (tx.w0 * at_g(ty.i0, tx.i0) + tx.w1 * at_g(ty.i0, tx.i1)) +
+        ty.w1 * (tx.w0 * at_g(ty.i1, tx.i0) + tx.w1 * at_g(ty.i1, tx.i1));
+  v += static_cast<T>(proj[n * ps.n + co * ps.c + y * ps.y + x * ps.x]) + bias[co];
+  const int64_t edge = n * s.Co + co;
+  if (y == 1) v += top[edge * s.W + x];
+  if (y == s.H - 2) v += bottom[edge * s.W + x];
+  if (x == 1) v += left[edge * s.H + y];
+  if (x == s.W - 2) v += right[edge * s.H + y];
+  v = v < T(0) ? T(0) : v;  // ReLU that keeps NaN, as torch.relu does
+  out[n * os.n + co * os.c + y * os.y + x * os.x] = static_cast<scalar_t>(v);
+}
+
+template <typename scalar_t>
+void launch_epilogue(const CffShape& s, const at::Tensor& conv_low, const at::Tensor& proj, const at::Tensor& bias,
+                     const ShortcutBorder& border, at::Tensor& out) {
+  const EpilogueShape shape{s.N, s.Co, s.h, s.w, s.H, s.W, cff_output_format(out) == at::MemoryFormat::ChannelsLast};
+  const int64_t blocks = (out.numel() + kThreads - 1) / kThreads;
+  cff_shortcut_epilogue_kernel<scalar_t, float>
+      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          shape, conv_low.const_data_ptr<scalar_t>(), Strides4(conv_low), proj.const_data_ptr<scalar_t>(),
+          Strides4(proj), bias.const_data_ptr<float>(), border.top.const_data_ptr<float>(),
+          border.bottom.const_data_ptr<float>(), border.left.const_data_ptr<float>(),
+          border.right.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), Strides4(out));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool cff_shortcut_dense_applies(const at::Tensor& low, const CffShape& s) {
+  return cff_exact_shortcut(s) && (low.scalar_type() == at::kHalf || low.scalar_type() == at::kBFloat16);
+}
+
+at::Tensor cff_shortcut_dense_cuda(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
+                                   const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
+  const c10::cuda::CUDAGuard guard(low.device());
+  at::Tensor out = at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));
+  if (out.numel() == 0) return out;
+  const at::Tensor conv_low = at::conv2d(low, weight_low, {}, 1, 1);                // [N, Co, h, w]
+  const at::Tensor proj = at::conv2d(high, weight_high.reshape({s.Co, s.Ch, 1, 1}));  // [N, Co, H, W]
+  const auto fp32 = low.options().dtype(at::kFloat);
+  const ShortcutBorder border = shortcut_border(low.to(fp32), weight_low.to(fp32), s);
+  const at::Tensor b = bias.to(fp32).contiguous();
+  if (low.scalar_type() == at::kHalf) {
+    launch_epilogue<at::Half>(s, conv_low, proj, b, border, out);
+  } else {
+    launch_epilogue<at::BFloat16>(s, conv_low, proj, b, border, out);
+  }
+  return out;
+}
+
+}  // namespace icnet
