@@ -216,3 +216,10 @@ def test_with_backend_switches_every_icnet_op_of_a_copy():
     backends = [m.backend for m in switched.modules() if hasattr(m, "backend")]
     assert len(backends) == 3 and set(backends) == {"triton"}  # the pyramid pooling and both CFF units
     assert {m.backend for m in fused.modules() if hasattr(m, "backend")} == {None}
+
+
+def test_network_cost_counts_the_fused_build_whatever_backend_is_forced(monkeypatch):
+    """The meta-device count runs the ops' fake kernels, which every backend shares."""
+    expected = network_cost.icnet_cost("sub24", 1, torch.float32, torch.contiguous_format, (97, 161))
+    monkeypatch.setenv("ICNET_BACKEND", "triton")
+    assert network_cost.icnet_cost("sub24", 1, torch.float32, torch.contiguous_format, (97, 161)) == expected
