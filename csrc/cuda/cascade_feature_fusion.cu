@@ -25,6 +25,7 @@
 #include "common/cff_args.h"
 #include "common/resize.h"
 #include "cuda/cff_shortcut_dense.h"
+#include "cuda/strides.h"
 
 namespace icnet {
 namespace {
@@ -34,12 +35,6 @@ constexpr int kTileN = 64;  // output channels per block
 constexpr int kTileK = 16;  // reduction slice staged in shared memory
 constexpr int kThreads = 256;
 constexpr int kMicro = 4;   // each thread: 4 pixels x 4 channels
-
-struct Strides {
-  int64_t n, c, y, x;
-};
-
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // What one launch computes (see the file comment).
 struct CffLaunch {

@@ -18,16 +18,12 @@
 #include "common/cff_border.h"
 #include "common/resize.h"
 #include "cuda/cff_shortcut_dense.h"
+#include "cuda/strides.h"
 
 namespace icnet {
 namespace {
 
 constexpr int kThreads = 256;
-
-struct Strides4 {
-  int64_t n, c, y, x;
-  explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), y(t.stride(2)), x(t.stride(3)) {}
-};
 
 struct EpilogueShape {
   int64_t N, Co, h, w, H, W;
@@ -36,10 +32,10 @@ struct EpilogueShape {
 
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
-cff_shortcut_epilogue_kernel(EpilogueShape s, const scalar_t* __restrict__ conv_low, Strides4 cs,
-                             const scalar_t* __restrict__ proj, Strides4 ps, const T* __restrict__ bias,
+cff_shortcut_epilogue_kernel(EpilogueShape s, const scalar_t* __restrict__ conv_low, Strides cs,
+                             const scalar_t* __restrict__ proj, Strides ps, const T* __restrict__ bias,
                              const T* __restrict__ top, const T* __restrict__ bottom, const T* __restrict__ left,
-                             const T* __restrict__ right, scalar_t* __restrict__ out, Strides4 os) {
+                             const T* __restrict__ right, scalar_t* __restrict__ out, Strides os) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= s.N * s.Co * s.H * s.W) return;
   int64_t n, co, y, x, rest;
@@ -82,10 +78,10 @@ void launch_epilogue(const CffShape& s, const at::Tensor& conv_low, const at::Te
   const int64_t blocks = (out.numel() + kThreads - 1) / kThreads;
   cff_shortcut_epilogue_kernel<scalar_t, float>
       <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          shape, conv_low.const_data_ptr<scalar_t>(), Strides4(conv_low), proj.const_data_ptr<scalar_t>(),
-          Strides4(proj), bias.const_data_ptr<float>(), border.top.const_data_ptr<float>(),
+          shape, conv_low.const_data_ptr<scalar_t>(), strides_of(conv_low), proj.const_data_ptr<scalar_t>(),
+          strides_of(proj), bias.const_data_ptr<float>(), border.top.const_data_ptr<float>(),
           border.bottom.const_data_ptr<float>(), border.left.const_data_ptr<float>(),
-          border.right.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), Strides4(out));
+          border.right.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), strides_of(out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
