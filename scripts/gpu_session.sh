@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
-STAGES=${STAGES:-build tests memcheck ops e2e}
+STAGES=${STAGES-build tests memcheck ops e2e}
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"
 status=0
