@@ -104,22 +104,21 @@ def _cascade_feature_fusion_fwd_kernel(
             inside = m_ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
             ys = tl.minimum(tl.maximum(ys, 0), H - 1)
             xs = tl.minimum(tl.maximum(xs, 0), W - 1)
+            a_mask = inside[:, None] & (cs < Cl)[None, :]
+            channel = low_n + cs[None, :].to(tl.int64) * s_lc
             if RESIZE:
                 y0, y1, ly = _source_index(ys, h, scale_y, ALIGN)
                 x0, x1, lx = _source_index(xs, w, scale_x, ALIGN)
-            else:  # one source: no zero-weighted neighbour, whose NaN would leak (ATen copies in this case too)
-                y0, y1, ly = ys, ys, tl.zeros_like(ys).to(tl.float32)
-                x0, x1, lx = xs, xs, tl.zeros_like(xs).to(tl.float32)
-            a_mask = inside[:, None] & (cs < Cl)[None, :]
-            channel = low_n + cs[None, :].to(tl.int64) * s_lc
-            a = (((1.0 - ly) * (1.0 - lx))[:, None]
-                 * tl.load(channel + (y0 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
-                 + ((1.0 - ly) * lx)[:, None]
-                 * tl.load(channel + (y0 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
-                 + (ly * (1.0 - lx))[:, None]
-                 * tl.load(channel + (y1 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
-                 + (ly * lx)[:, None]
-                 * tl.load(channel + (y1 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32))
+                a = (((1.0 - ly) * (1.0 - lx))[:, None]
+                     * tl.load(channel + (y0 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                     + ((1.0 - ly) * lx)[:, None]
+                     * tl.load(channel + (y0 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                     + (ly * (1.0 - lx))[:, None]
+                     * tl.load(channel + (y1 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
+                     + (ly * lx)[:, None]
+                     * tl.load(channel + (y1 * s_ly + x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32))
+            else:  # one source per tap: a plain load (no zero-weighted neighbour whose NaN would leak)
+                a = tl.load(channel + (ys * s_ly + xs * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
             b = tl.load(w_low_ptr + (tap * Cl + cs)[:, None] * Co + offs_n[None, :],
                         mask=(cs < Cl)[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(a.to(dot_dtype), b, input_precision=PRECISION)
