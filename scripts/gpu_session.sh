@@ -8,6 +8,8 @@
 # time limit of its own (seconds, TESTS_S, MEMCHECK_S, OPS_S, E2E_S). RESUME=1 continues an end-to-end
 # results file that an earlier call left in benchmarks/results (see benchmarks.icnet_e2e --resume).
 # Python packages that the machine lacks and cannot download may travel as wheels in .whl/.
+# With 10-minute calls: STAGES="build tests", then STAGES="build memcheck ops", then STAGES="build e2e"
+# (copy the e2e results file into benchmarks/results between calls and add RESUME=1 until it is complete).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
