@@ -1,25 +1,48 @@
 #include "common/cff_border.h"
 
-#include <ATen/ops/conv2d.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/upsample_linear1d.h>
-
-#include <optional>
 
 namespace icnet {
 
+// Each term runs tap-first: its three taps' channel mixes are one matrix product at low resolution,
+// [3 * Co, Cl] x [Cl, edge length] (a channel mix commutes with a resize along the edge), then the taps'
+// maps are shifted and summed (zero outside the map: the conv's padding) and resized. Small products and
+// slices: about 4x cheaper here than 1-D convolutions over one-pixel-wide maps.
+namespace {
+
+// sum over k of maps[:, k] shifted by (k - 1) * step along the last axis, zero where a shift leaves the map:
+// a 3-tap 1-D convolution of already mixed maps [N, 3, Co, L].
+at::Tensor sum_shifted_taps(const at::Tensor& maps, int64_t step) {
+  const int64_t length = maps.size(3), kept = length - step;
+  at::Tensor out = maps.select(1, 1).contiguous();
+  if (kept > 0) {
+    out.narrow(2, step, kept).add_(maps.select(1, 0).narrow(2, 0, kept));
+    out.narrow(2, 0, kept).add_(maps.select(1, 2).narrow(2, step, kept));
+  }
+  return out;
+}
+
+// [N, 3, Co, L]: weight's three taps along the edge (its 3x3 kernel restricted to `taps`, [Co, Cl, 3])
+// applied to edge [N, Cl, L].
+at::Tensor mixed_taps(const at::Tensor& taps, const at::Tensor& edge) {
+  const int64_t co = taps.size(0), cl = taps.size(1);
+  return at::matmul(taps.permute({2, 0, 1}).reshape({3 * co, cl}), edge).view({edge.size(0), 3, co, edge.size(2)});
+}
+
+}  // namespace
+
 ShortcutBorder shortcut_border(const at::Tensor& low, const at::Tensor& weight, const CffShape& s) {
-  // The 1-D convs run as 2-D ones over a single row or column (oneDNN on the CPU, cuDNN on a GPU).
-  const auto row_term = [&](int64_t row, int64_t tap) {
-    const at::Tensor up_x = at::upsample_linear1d(low.select(2, row), {s.W}, true).unsqueeze(2);
-    return at::conv2d(up_x, weight.select(2, tap).unsqueeze(2), std::nullopt, at::IntArrayRef{1, 1},
-                      at::IntArrayRef{0, 2}, at::IntArrayRef{1, 2})
-        .squeeze(2)
-        .mul_(-0.5);
+  // rows: the direct form along x, conv1d_dil2(up_x(.)), on row `row` of low with kernel row `ky`
+  const auto row_term = [&](int64_t row, int64_t ky) {
+    const at::Tensor maps = mixed_taps(weight.select(2, ky), low.select(2, row));            // [N, 3, Co, w]
+    const at::Tensor up = at::upsample_linear1d(maps.flatten(1, 2), {s.W}, true).view({s.N, 3, s.Co, s.W});
+    return sum_shifted_taps(up, 2).mul_(-0.5);
   };
-  const auto col_term = [&](int64_t col, int64_t tap) {
-    const at::Tensor at_low = at::conv2d(low.select(3, col).unsqueeze(3), weight.select(3, tap).unsqueeze(3),
-                                         std::nullopt, at::IntArrayRef{1, 1}, at::IntArrayRef{1, 0});
-    return at::upsample_linear1d(at_low.squeeze(3), {s.H}, true).mul_(-0.5);
+  // columns: the shortcut form along y, up_y(conv1d(.)), on column `col` of low with kernel column `kx`
+  const auto col_term = [&](int64_t col, int64_t kx) {
+    const at::Tensor conv = sum_shifted_taps(mixed_taps(weight.select(3, kx), low.select(3, col)), 1);
+    return at::upsample_linear1d(conv, {s.H}, true).mul_(-0.5);
   };
   return {row_term(0, 0).contiguous(), row_term(s.h - 1, 2).contiguous(), col_term(0, 0).contiguous(),
           col_term(s.w - 1, 2).contiguous()};
