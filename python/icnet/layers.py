@@ -3,7 +3,8 @@
 ConvBN folds its BatchNorm into the convolution when the model is built "fused" and BN uses running
 statistics; the fold is cached and recomputed only when a parameter or statistic changes. In inference
 on the CPU the fused build also hands the ReLU and the residual sum to oneDNN as post-ops of the
-convolution (the path torch.compile's CPU backend takes), so they cost no pass over memory of their own.
+convolution (the path torch.compile's CPU backend takes), so they cost no pass over memory of their own;
+on a GPU, in float16 and float32, cuDNN's fused convolution + bias (+ residual) + ReLU does the same.
 """
 
 import torch
@@ -48,6 +49,8 @@ class ConvBN(nn.Module):
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
             if _onednn_post_ops(x):
                 return _conv_post_ops(x, weight, bias, self.conv, self.relu, residual)
+            if self.relu and _cudnn_fused_relu(x):
+                return _cudnn_conv_relu(x, weight, bias, self.conv, residual)
             y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation)
         else:
             y = self.bn(self.conv(x))
@@ -69,6 +72,21 @@ def _conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, unary, [], "")
     return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", None,
                                                           unary if relu else None, [], "")
+
+
+def _cudnn_fused_relu(x: torch.Tensor) -> bool:
+    """cuDNN's fused convolution + bias (+ residual) + ReLU serves GPU inference in float16 and float32.
+    Not yet run on a GPU by this project (the GPU parity tests will check it)."""
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.float32) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and torch.backends.cudnn.is_available()
+            and torch.backends.cudnn.enabled)
+
+
+def _cudnn_conv_relu(x, weight, bias, conv: nn.Conv2d, residual):
+    args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, *args)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
 
 
 class Bottleneck(nn.Module):
