@@ -5,8 +5,9 @@ python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/result
 Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, BatchNorm folded), sharing one
 random state_dict. Runners: eager; on a GPU also torch.compile (default and max-autotune) of the reference
 and CUDA-graph replay of the fused build, with its default (native CUDA) and its Triton kernels, and for
-the goal configurations torch.compile max-autotune of the fused build as well. Rows: latency p20/p50/p80, fps, peak memory (GPU), argmax
-agreement with the reference build, speedup over the reference build run eagerly in the same layout.
+the goal configurations torch.compile max-autotune of the fused build as well. Rows: latency p20/p50/p80,
+fps, peak memory (GPU), argmax agreement with the reference build, speedup over the reference build run
+eagerly in the same layout.
 
 Roofline (benchmarks.network_cost, benchmarks.roofline), the same in every row of a configuration: flops
 and conv_flops, the network's definition (the reference build, FlopCounterMode, 2 per multiply-add), and
@@ -159,7 +160,7 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
     cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, INPUT_SIZE)
     x = (torch.randn(config.batch, 3, *INPUT_SIZE, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
     rows, ready = [], {}
-    model_mb = {"reference": _device_bytes(models["reference"]) / 2**20, "fused": _device_bytes(models["fused"]) / 2**20}
+    model_mb = {build: _device_bytes(model) / 2**20 for build, model in models.items()}
     peak_mb = {}
     with torch.inference_mode():
         expected = models["reference"](x).argmax(1)
