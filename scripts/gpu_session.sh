@@ -7,7 +7,10 @@
 # a time limit can split them; the build is incremental, so repeating it costs seconds. Each step has a
 # time limit of its own (seconds, TESTS_S, MEMCHECK_S, OPS_S, E2E_S). RESUME=1 continues an end-to-end
 # results file that an earlier call left in benchmarks/results (see benchmarks.icnet_e2e --resume).
-# Python packages that the machine lacks and cannot download may travel as wheels in .whl/.
+# Python packages that the machine lacks and cannot download may travel as wheels in .whl/ (kept out of
+# git): the GPU machines lack cityscapesscripts, so fetch it and its pure-Python dependencies first with
+#   pip download --no-deps --only-binary=:all: -d .whl cityscapesscripts==2.3.0 coloredlogs==15.0.1 \
+#     humanfriendly==10.0 pyquaternion==0.9.9 appdirs==1.4.4
 # With 10-minute calls: STAGES="build tests", then STAGES="build memcheck ops", then STAGES="build e2e"
 # (copy the e2e results file into benchmarks/results between calls and add RESUME=1 until it is complete).
 set -uo pipefail
