@@ -16,9 +16,13 @@ def tap_first(h: int, w: int, H: int, W: int) -> bool:
     return 2 * h * w <= H * W
 
 
-def output_memory_format(high: torch.Tensor) -> torch.memory_format:
-    """The kernels' output layout: channels_last when high is channels_last and not also plainly contiguous
-    (cff_output_format in csrc/common/cff_args.h)."""
-    if not high.is_contiguous() and high.is_contiguous(memory_format=torch.channels_last):
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor that is not also plainly contiguous, else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def output_memory_format(high: torch.Tensor) -> torch.memory_format:
+    """The kernels' output layout: high's (cff_output_format in csrc/common/cff_args.h)."""
+    return memory_format_of(high)

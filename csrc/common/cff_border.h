@@ -1,6 +1,7 @@
 #pragma once
 // Border corrections of the exact shortcut (common/cff_geometry.h), computed with ATen ops on the tensors'
-// own device, so that the CPU and CUDA kernels share them. Per axis, the dilation-2 tap of the
+// own device (the CPU kernel's form; the CUDA half-precision kernel evaluates the same formulas per border
+// element, cuda/cff_shortcut_dense.cu). Per axis, the dilation-2 tap of the
 // upsampled map differs from the upsampled tap of the low map only at position 1 for the first tap (by
 // -low[0] / 2) and at position H-2 for the last (by -low[h-1] / 2). Expanding the 2-D conv over both
 // axes gives exactly:

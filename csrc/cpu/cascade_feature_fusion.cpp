@@ -5,9 +5,9 @@
 // map is never stored whole) and convolved there; the 1x1 projection of the same rows is added, then bias
 // and ReLU as the block is written.
 //
-// Tap-first path (any real zoom, common/cff_geometry.h): the nine taps' channel mixes run as one 1x1
-// convolution of low to 9*Co channels at low resolution, and one threaded pass sums, per output pixel, the
-// nine bilinear gathers at the taps' shifted positions, plus the projection, bias and ReLU.
+// Tap-first path (any real zoom, common/cff_geometry.h): per block of output channels, the nine taps'
+// channel mixes run as one 1x1 convolution of low at low resolution, and the same task sums, per output
+// pixel, the nine bilinear gathers at the taps' shifted positions, plus the projection, bias and ReLU.
 //
 // Exact shortcut (ICNet's 2x zoom with dilation 2, common/cff_geometry.h): the 3x3 conv runs at low
 // resolution, and one threaded pass writes the bilinear gather of that result plus the projection, the

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import icnet_kernels
+from icnet_kernels.cff_geometry import memory_format_of
 from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize
 
 MODES = ("sub4", "sub24", "sub124")
@@ -121,7 +122,7 @@ class ICNet(nn.Module):
         self.cls_sub124.channel_groups = ("cff_sub12", "classes")
 
     def forward(self, image: torch.Tensor):
-        stem, layout = self._stem_layout(image), _memory_format(image)
+        stem, layout = self._stem_layout(image), memory_format_of(image)
         sub2 = caffe_resize(image, shrink=2)
         x = self.conv2(self.pool1(self.conv1(sub2.contiguous(memory_format=stem))))
         conv3_1 = self.conv3_1(x).contiguous(memory_format=layout)
@@ -149,7 +150,7 @@ class ICNet(nn.Module):
         instead of conv3_1 gave 506 ms, after conv2 486 ms."""
         if self.fused and not self.training and image.device.type == "cpu":
             return torch.channels_last
-        return _memory_format(image)
+        return memory_format_of(image)
 
     def _fuse(self, cff, low, high):
         """A CFF unit's output and, in training only, up(low) for the label-guidance classifier: inference
@@ -188,13 +189,6 @@ def _checked_channels(channels: dict[str, int]) -> dict[str, int]:
     if bad:
         raise ValueError(f"channels must be positive integers, got {bad}")
     return dict(channels)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a channels_last tensor (that is not also plainly contiguous), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _zoom2(x) -> tuple[int, int]:
