@@ -15,4 +15,8 @@ TORCH_LIBRARY(icnet, m) {
   m.def(
       "cascade_feature_fusion(Tensor low, Tensor high, Tensor weight_low, Tensor weight_high, Tensor bias, "
       "int dilation, bool align_corners) -> Tensor");
+  // conv2d(input, weight, padding=1) for a [Co, C, 3, 3] weight by Winograd's F(2x2, 3x3), float32, CPU:
+  // the CPU CFF kernel's low-resolution convolution, exposed for its tests and measurements. Internal: no
+  // autograd and no meta kernel.
+  m.def("_conv3x3_winograd(Tensor input, Tensor weight) -> Tensor");
 }

@@ -1,6 +1,7 @@
 #include "common/cff_border.h"
 
 #include <ATen/ops/matmul.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/upsample_linear1d.h>
 
 namespace icnet {
@@ -33,6 +34,7 @@ at::Tensor mixed_taps(const at::Tensor& taps, const at::Tensor& edge) {
 }  // namespace
 
 ShortcutBorder shortcut_border(const at::Tensor& low, const at::Tensor& weight, const CffShape& s) {
+  RECORD_FUNCTION("icnet::cff_shortcut_border", {});
   // rows: the direct form along x, conv1d_dil2(up_x(.)), on row `row` of low with kernel row `ky`
   const auto row_term = [&](int64_t row, int64_t ky) {
     const at::Tensor maps = mixed_taps(weight.select(2, ky), low.select(2, row));            // [N, 3, Co, w]
