@@ -22,7 +22,8 @@ in meta either way).
 Layer groups (benchmarks.layer_groups): the eager rows of both builds carry layer_groups_ms, the median ms
 per call of trunk, sub4_branch, ppm, conv5_4, cff_sub24, sub1 and cff_sub12 (those the mode runs), timed
 by hooks on ICNet's submodules in separate calls, and head, the total minus those: classifier and final
-resizes.
+resizes. On a GPU they also carry layer_groups_kernel_ms, the same groups' kernel durations per call
+(torch.profiler): what a CUDA graph replay spends there, without the eager launch gaps.
 
 Writes <out>/icnet-<device>.json and, with matplotlib, a PNG chart beside it; prints tables.
 """
@@ -177,11 +178,14 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rows.append(row)
         times = timing.time_together_ms({name: (lambda fn=fn: fn(x)) for name, fn in ready.items()}, device, effort)
-        groups = {}
+        groups, kernel_groups = {}, {}
         for runner, build in EAGER_BUILDS.items():
             if runner in ready:
                 log.info("  layer groups: %s", build)
                 groups[runner] = layer_groups.layer_group_ms(models[build], x, LAYER_GROUP_CALLS[device.type])
+                if device.type == "cuda":
+                    kernel_groups[runner] = layer_groups.layer_group_kernel_ms(models[build], x,
+                                                                               LAYER_GROUP_CALLS[device.type])
     for row in rows:
         if row["runner"] in times:
             p20, p50, p80 = times[row["runner"]]
@@ -191,6 +195,8 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                 row["peak_memory_mb"] = peak_mb[row["runner"]]
             if row["runner"] in groups:
                 row["layer_groups_ms"] = groups[row["runner"]]
+            if row["runner"] in kernel_groups:
+                row["layer_groups_kernel_ms"] = kernel_groups[row["runner"]]
     base = next((r for r in rows if r["runner"] == "reference-eager" and "p50_ms" in r), None)
     for row in rows:
         if base is not None and "p50_ms" in row:
@@ -253,17 +259,24 @@ def format_roofline(rows: list[dict]) -> str:
 
 
 def format_layer_groups(rows: list[dict]) -> str:
-    """Per configuration, the median ms of each layer group in each eager build (head: total minus the rest)."""
+    """Per configuration, the median ms of each layer group in each eager build (head: total minus the rest),
+    and on a GPU the ms of the kernels each group launches."""
     blocks = []
-    for label in dict.fromkeys(_config_label(r) for r in rows if "layer_groups_ms" in r):
-        builds = {r["runner"]: r["layer_groups_ms"] for r in rows
-                  if "layer_groups_ms" in r and _config_label(r) == label}
-        lines = [f"layer groups, ms: {label:38} " + " ".join(f"{runner:>16}" for runner in builds)]
+    for key, title in (("layer_groups_ms", "layer groups, ms"), ("layer_groups_kernel_ms", "kernel ms")):
+        blocks += _layer_group_blocks(rows, key, title)
+    return "\n\n".join(blocks)
+
+
+def _layer_group_blocks(rows: list[dict], key: str, title: str) -> list[str]:
+    blocks = []
+    for label in dict.fromkeys(_config_label(r) for r in rows if key in r):
+        builds = {r["runner"]: r[key] for r in rows if key in r and _config_label(r) == label}
+        lines = [f"{title + ':':17} {label:38} " + " ".join(f"{runner:>16}" for runner in builds)]
         for group in dict.fromkeys(g for times in builds.values() for g in times):
             lines.append(f"  {group:54} " + " ".join(f"{times.get(group, float('nan')):16.2f}"
                                                     for times in builds.values()))
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return blocks
 
 
 def format_markdown(rows: list[dict]) -> str:

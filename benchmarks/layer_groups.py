@@ -4,6 +4,10 @@ Times come from forward pre/post hooks on ICNet's submodules, so the model itsel
 on a GPU a CUDA event is recorded at each hook (the span between two events is GPU time, launch gaps
 included), on the CPU perf_counter is read (the ops run synchronously). Each group spans two hook points;
 a point is (submodule name, "pre" or "post"), "" naming the whole model.
+
+On a GPU an eager span is mostly launch gaps wherever the kernels are shorter than their launches, which a
+CUDA graph removes; layer_group_kernel_ms therefore also sums, per group, the durations of the kernels it
+launches (torch.profiler), the time a graph replay of the same model spends there.
 """
 
 import statistics
@@ -11,6 +15,8 @@ import time
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 GROUPS = {
     "trunk": (("", "pre"), ("conv3_1", "post")),  # the 1/2 image shrink, conv1, pool1, conv2, conv3_1
@@ -103,3 +109,60 @@ def layer_group_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int 
     taken per group, so they need not add up to the median total exactly."""
     samples = layer_group_samples_ms(model, x, repeats, warmup)
     return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+
+
+def layer_group_kernel_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """{group: ms per call} of model(x) in inference, summed over the device kernels that the group's ops
+    launch, for the GROUPS that ran, HEAD (total minus them) and "total" (every kernel of the call).
+
+    Each group is a profiler range opened and closed by the same hooks as layer_group_samples_ms; a range's
+    device time is that of the kernels launched inside it. On the CPU, where there are no kernels, the
+    ranges' CPU time stands in, so that the attribution can be tested there.
+    """
+    spans = {"total": TOTAL, **GROUPS}  # total first: its range opens before the trunk's at the same point
+    actions: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for group, (start, end) in spans.items():
+        actions.setdefault(start, []).append(("open", group))
+        actions.setdefault(end, []).append(("close", group))
+    open_ranges, ran = {}, set()
+
+    def hook_at(point):
+        def hook(*_):
+            # closing first: at a shared point one group ends where the next begins
+            for action, group in sorted(actions[point], key=lambda a: a[0] != "close"):
+                if action == "close" and group in open_ranges:
+                    open_ranges.pop(group).__exit__(None, None, None)
+                    ran.add(group)
+                elif action == "open":
+                    open_ranges[group] = record_function(f"layer_group::{group}")
+                    open_ranges[group].__enter__()
+        return hook
+
+    handles = []
+    for name, kind in actions:
+        module = model.get_submodule(name)
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        handles.append(register(hook_at((name, kind))))
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            ran.clear()
+            with profile(activities=activities) as prof:
+                for _ in range(repeats):
+                    model(x)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals_us = dict.fromkeys(ran, 0.0)
+    for event in prof.events():
+        group = event.name.removeprefix("layer_group::")
+        if event.name.startswith("layer_group::") and event.device_type == DeviceType.CPU and group in totals_us:
+            totals_us[group] += event.device_time_total if cuda else event.cpu_time_total
+    ms = {group: totals_us[group] / 1e3 / repeats for group in GROUPS if group in totals_us}
+    total = totals_us["total"] / 1e3 / repeats
+    return ms | {HEAD: total - sum(ms.values()), "total": total}

@@ -3,6 +3,7 @@ bookkeeping on a tiny input, and the roofline floor on hand-picked numbers. No t
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -135,6 +136,29 @@ def test_layer_groups_cover_the_timed_submodules_within_the_total(device, fused,
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sub4", "sub124"])
+def test_layer_group_kernel_times_cover_the_timed_submodules_within_the_total(device, mode):
+    model = ICNet(mode=mode, fused=True).eval().to(device)
+    ms = layer_groups.layer_group_kernel_ms(model, torch.randn(1, 3, 65, 129, device=device), repeats=2)
+    assert list(ms) == [*TIMED_GROUPS[mode], layer_groups.HEAD, "total"]
+    assert all(ms[group] > 0 for group in TIMED_GROUPS[mode]), ms  # every group launches work
+    assert sum(ms[group] for group in TIMED_GROUPS[mode]) <= ms["total"]
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_layer_group_kernel_times_attribute_work_to_its_group():
+    """A 30 ms delay inside sub1 (CPU time: the CPU's stand-in for kernel time) lands in sub1 alone."""
+    model = ICNet(mode="sub124", fused=True).eval()
+    x = torch.randn(1, 3, 65, 129)
+    next(model.sub1.children()).register_forward_pre_hook(lambda *_: time.sleep(0.03))  # inside sub1's range
+    ms = layer_groups.layer_group_kernel_ms(model, x, repeats=2)
+    assert ms["sub1"] >= 30
+    assert all(value < 30 for group, value in ms.items() if group not in ("sub1", "total")), ms
+
+
 def test_floor_is_the_slower_of_memory_and_arithmetic():
     # 2 GB at 1000 GB/s: 2 ms; 1 TFLOP at 100 TFLOP/s: 10 ms
     assert roofline.floor_ms(2e9, 1e12, 1000, 100) == (pytest.approx(10.0), "compute")
@@ -180,6 +204,17 @@ def test_end_to_end_chart_is_written_beside_the_results(tmp_path):
                                             "torch": torch.__version__, "git_commit": "0" * 40}, "rows": rows}))
     png = plot.write_plot(results)
     assert png == tmp_path / "icnet-test.png" and png.stat().st_size > 0
+
+
+def test_layer_group_tables_show_eager_spans_and_kernel_times():
+    config = {"mode": "sub4", "batch": 1, "dtype": "float16", "layout": "channels_last"}
+    rows = [config | {"runner": "fused-eager", "layer_groups_ms": {"trunk": 2.5, "total": 4.0},
+                      "layer_groups_kernel_ms": {"trunk": 0.25, "total": 0.5}},
+            config | {"runner": "fused-cuda-graph", "p50_ms": 1.0}]
+    eager, kernels = icnet_e2e.format_layer_groups(rows).split("\n\n")
+    assert eager.startswith("layer groups, ms:") and "fused-eager" in eager and "fused-cuda-graph" not in eager
+    assert eager.splitlines()[1].split() == ["trunk", "2.50"]
+    assert kernels.startswith("kernel ms:") and kernels.splitlines()[2].split() == ["total", "0.50"]
 
 
 def test_gpu_configurations_the_goals_name_come_first():
