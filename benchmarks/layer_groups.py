@@ -10,8 +10,10 @@ CUDA graph removes; layer_group_kernel_ms therefore also sums, per group, the du
 launches (torch.profiler), the time a graph replay of the same model spends there.
 """
 
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -77,24 +79,31 @@ def layer_group_samples_ms(model: nn.Module, x: torch.Tensor, repeats: int, warm
             stamps[point] = clock.stamp()
         return hook
 
-    handles = []
-    for name, kind in dict.fromkeys(point for span in (*GROUPS.values(), TOTAL) for point in span):
-        module = model.get_submodule(name)
-        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-        handles.append(register(hook_at((name, kind))))
+    points = dict.fromkeys(point for span in (*GROUPS.values(), TOTAL) for point in span)
     samples = []
+    with _hooks_at(model, points, hook_at), torch.inference_mode():
+        for call in range(warmup + repeats):
+            stamps.clear()
+            model(x)
+            clock.wait()
+            if call >= warmup:
+                samples.append(_spans_ms(stamps, clock))
+    return samples
+
+
+@contextlib.contextmanager
+def _hooks_at(model: nn.Module, points: Iterable[tuple[str, str]], hook_at: Callable) -> Iterator[None]:
+    """hook_at(point) as a forward pre-hook ("pre") or hook ("post") of each point's submodule, removed on exit."""
+    handles = []
     try:
-        with torch.inference_mode():
-            for call in range(warmup + repeats):
-                stamps.clear()
-                model(x)
-                clock.wait()
-                if call >= warmup:
-                    samples.append(_spans_ms(stamps, clock))
+        for name, kind in points:
+            module = model.get_submodule(name)
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            handles.append(register(hook_at((name, kind))))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-    return samples
 
 
 def _spans_ms(stamps: dict, clock) -> dict[str, float]:
@@ -138,26 +147,17 @@ def layer_group_kernel_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmu
                     open_ranges[group].__enter__()
         return hook
 
-    handles = []
-    for name, kind in actions:
-        module = model.get_submodule(name)
-        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-        handles.append(register(hook_at((name, kind))))
     cuda = x.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
+    with _hooks_at(model, actions, hook_at), torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        ran.clear()
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
                 model(x)
-            ran.clear()
-            with profile(activities=activities) as prof:
-                for _ in range(repeats):
-                    model(x)
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-    finally:
-        for handle in handles:
-            handle.remove()
+            if cuda:
+                torch.cuda.synchronize(x.device)
     totals_us = dict.fromkeys(ran, 0.0)
     for event in prof.events():
         group = event.name.removeprefix("layer_group::")
