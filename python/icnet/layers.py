@@ -1,17 +1,27 @@
 """Building blocks of ICNet, each with plain Conv2d/BatchNorm2d parameters.
 
 ConvBN folds its BatchNorm into the convolution when the model is built "fused" and BN uses running
-statistics; the fold is cached and recomputed only when a parameter or statistic changes. In inference
-on the CPU the fused build also hands the ReLU and the residual sum to oneDNN as post-ops of the
-convolution (the path torch.compile's CPU backend takes), so they cost no pass over memory of their own;
-on a GPU, in float16 and float32, cuDNN's fused convolution + bias (+ residual) + ReLU does the same.
+statistics; the fold is computed in float32 whatever the model's dtype, cached, and recomputed only when a
+parameter or statistic changes. In inference the fused build also hands the epilogue to the convolution
+library where one fused call exists: on the CPU the ReLU and the residual sum become oneDNN post-ops (the
+path torch.compile's CPU backend takes), so they cost no pass over memory of their own; on a GPU, in
+float16 and float32, a convolution whose output is summed with a residual runs cuDNN's fused convolution
++ bias + residual + ReLU. A library may have no fused implementation for some shape (cuDNN's runtime
+fusion engines, say): a module whose fused call raises falls back to the plain path and keeps it
+(ConvBN.epilogue_fallback says why; epilogue_fallbacks lists them for a model).
 """
+
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import batch_statistics, folded_batch_norm
+
+log = logging.getLogger(__name__)
 
 
 class ConvBN(nn.Module):
@@ -26,31 +36,42 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
         self.relu = relu
         self.fused = fused
-        self._folded = None  # (versions, weight, bias)
+        self._folded = None  # (versions, dtype, weight, bias)
+        # Why the fused epilogue was given up for the plain path (the library's error), None while it serves.
+        self.epilogue_fallback: str | None = None
 
-    def _fold(self):
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of conv followed by BN, in float32 (float64 for a float64 model): in half precision
+        the weight's product with the scale would round once more, before the cast to the input's dtype."""
         scale, shift = folded_batch_norm(self.bn)
-        return self.conv.weight * scale.reshape(-1, 1, 1, 1), shift
+        return self.conv.weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1), shift
 
-    def _folded_params(self):
-        """The BN-folded (weight, bias); cached for inference, recomputed when a tensor changes."""
+    def _folded_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The BN-folded (weight, bias) in dtype; cached for inference, recomputed when a tensor changes."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._fold()  # training through a frozen BN: the fold stays in the autograd graph
+            weight, bias = self._fold()  # training through a frozen BN: the fold stays in the autograd graph
+            return weight.to(dtype), bias.to(dtype)
         tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
-        versions = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._folded is None or self._folded[0] != versions:
-            self._folded = (versions, *self._fold())
-        return self._folded[1], self._folded[2]
+        versions = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if self._folded is None or self._folded[:2] != (versions, dtype):
+            weight, bias = self._fold()
+            self._folded = (versions, dtype, weight.to(dtype), bias.to(dtype))
+        return self._folded[2], self._folded[3]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv -> BN (-> + residual) (-> ReLU)."""
         if self.fused and not batch_statistics(self.bn):
-            weight, bias = self._folded_params()
-            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-            if _onednn_post_ops(x):
-                return _conv_post_ops(x, weight, bias, self.conv, self.relu, residual)
-            if self.relu and _cudnn_fused_relu(x):
-                return _cudnn_conv_relu(x, weight, bias, self.conv, residual)
+            weight, bias = self._folded_params(x.dtype)
+            if self.epilogue_fallback is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+                epilogue = fused_epilogue(x.device.type, x.dtype, lambda: _channels_last(x, weight), self.relu,
+                                          residual is not None)
+                if epilogue is not None:
+                    try:
+                        return epilogue(x, weight, bias, self.conv, self.relu, residual)
+                    except RuntimeError as error:  # no fused implementation here: the plain path from now on
+                        self.epilogue_fallback = f"{epilogue.__name__}: {str(error).strip().splitlines()[0]}"
+                        log.info("icnet: %s on %s %s input falls back to the plain path (%s)", self.conv,
+                                 x.dtype, tuple(x.shape), self.epilogue_fallback)
             y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation)
         else:
             y = self.bn(self.conv(x))
@@ -59,13 +80,36 @@ class ConvBN(nn.Module):
         return F.relu(y, inplace=True) if self.relu else y
 
 
-def _onednn_post_ops(x: torch.Tensor) -> bool:
-    """oneDNN's fused conv epilogues serve CPU inference in float32 and bfloat16."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+def epilogue_fallbacks(model: nn.Module) -> dict[str, str]:
+    """{submodule name: reason} for every ConvBN of model whose fused epilogue fell back to the plain path."""
+    return {name: module.epilogue_fallback for name, module in model.named_modules()
+            if isinstance(module, ConvBN) and module.epilogue_fallback is not None}
 
 
-def _conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
+def _channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.channels_last in (memory_format_of(x), memory_format_of(weight))
+
+
+def fused_epilogue(device_type: str, dtype: torch.dtype, channels_last: Callable[[], bool], relu: bool,
+                   residual: bool):
+    """The library call that runs conv + bias (+ residual) (+ ReLU) in one for such an inference input, or
+    None where the plain path serves (the caller checks that autograd and torch.compile are off).
+    channels_last() says whether the convolution runs channels_last; it is asked only where that matters."""
+    if device_type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        if residual and relu and dtype != torch.float32 and not channels_last():
+            # oneDNN fuses the residual only channels_last; torch's unfused stand-in (add_relu) has no
+            # bfloat16 kernel and fails an internal assert
+            return None
+        return _onednn_conv_post_ops
+    if (device_type == "cuda" and residual and relu and dtype in (torch.float16, torch.float32)
+            and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+        # Only with a residual: torch.cudnn_convolution_relu passes its own uninitialised output to cuDNN
+        # as the residual with weight 0, and 0 x NaN is NaN.
+        return _cudnn_conv_add_relu
+    return None
+
+
+def _onednn_conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     unary = "relu" if relu else "none"
     if residual is None:
@@ -74,18 +118,8 @@ def _conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
                                                           unary if relu else None, [], "")
 
 
-def _cudnn_fused_relu(x: torch.Tensor) -> bool:
-    """cuDNN's fused convolution + bias (+ residual) + ReLU serves GPU inference in float16 and float32.
-    Not yet run on a GPU by this project (the GPU parity tests will check it)."""
-    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.float32) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and torch.backends.cudnn.is_available()
-            and torch.backends.cudnn.enabled)
-
-
-def _cudnn_conv_relu(x, weight, bias, conv: nn.Conv2d, residual):
+def _cudnn_conv_add_relu(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
     args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
-    if residual is None:
-        return torch.cudnn_convolution_relu(x, weight, bias, *args)
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
 
 
