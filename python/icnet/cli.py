@@ -1,4 +1,4 @@
-"""The icnet command line: segment, train, evaluate, prune."""
+"""The icnet command line: segment, train, evaluate, prune, export."""
 
 import argparse
 import sys
@@ -23,6 +23,18 @@ def _segment(args):
 
     segment(args.inputs, args.out, args.weights, args.mode, args.device, args.dtype, args.batch_size,
             args.channels_last)
+
+
+def _export(args):
+    from icnet.export import export_onnx  # imported here so that --help does not load torch
+    from icnet.segment import build_model
+
+    model, _ = build_model(args.weights, args.mode, "cpu", None, False)
+    opset = {} if args.opset is None else {"opset": args.opset}
+    try:
+        print(export_onnx(model, args.onnx, args.size, args.batch, args.dynamic_batch, args.dynamic_size, **opset))
+    except ModuleNotFoundError as error:
+        sys.exit(f"icnet: {error}")
 
 
 def _add_dataset_arguments(parser):
@@ -146,6 +158,17 @@ def parser() -> argparse.ArgumentParser:
     shrink.add_argument("--keep", type=float, nargs="+", default=(0.75, 0.5),
                         help="fractions of the original width, pruned and fine-tuned in turn")
     shrink.set_defaults(run=_prune)
+
+    onnx = commands.add_parser("export", help="the network as standard ONNX (ONNX Runtime, OpenVINO, TensorRT)")
+    onnx.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    onnx.add_argument("--weights", help="checkpoint (without it the model is untrained)")
+    onnx.add_argument("--mode", choices=MODES, default="sub124")
+    onnx.add_argument("--size", type=_size, default=(1025, 2049), help="input size HxW the graph is traced at")
+    onnx.add_argument("--batch", type=int, default=1, help="input batch the graph is traced at")
+    onnx.add_argument("--dynamic-batch", action="store_true", help="any batch")
+    onnx.add_argument("--dynamic-size", action="store_true", help="any height and width from 161")
+    onnx.add_argument("--opset", type=int, help="ONNX opset (default: icnet.export.OPSET)")
+    onnx.set_defaults(run=_export)
     return root
 
 
