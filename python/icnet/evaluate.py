@@ -19,6 +19,9 @@ def multi_scale_probabilities(model, images: torch.Tensor, size: Sequence[int], 
     resizes follow), and flip adds each view mirrored; every view's logits are resized to size and
     softmaxed before averaging, so views vote with calibrated probabilities rather than raw logits.
     """
+    bad = [scale for scale in scales if not 0 < scale < math.inf]
+    if bad or not scales:
+        raise ValueError(f"scales must be positive finite numbers, got {list(scales)}")
     height, width = images.shape[-2:]
     total, views = None, 0
     for scale in scales:
@@ -90,20 +93,21 @@ def report_dict(matrix: ConfusionMatrix, class_names: Sequence[str]) -> dict:
     }
 
 
+def percent(value: float) -> str:
+    """A score (a fraction, as ConfusionMatrix and the files hold it) as people read it: 58.20%."""
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
+
+
 def format_report(matrix: ConfusionMatrix, class_names: Sequence[str]) -> str:
     """A per-class IoU / accuracy table in percent, then mIoU and pixel accuracy."""
     _check_names(matrix, class_names)
     width = max(len("pixel accuracy"), *(len(name) for name in class_names))
-
-    def percent(value: float) -> str:
-        return f"{'n/a':>7}" if math.isnan(value) else f"{100 * value:7.2f}"
-
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'acc':>7}", "-" * (width + 18)]
+    lines = [f"{'class':<{width}}  {'IoU':>8}  {'acc':>8}", "-" * (width + 20)]
     for name, i, a in zip(class_names, matrix.iou().tolist(), matrix.class_accuracy().tolist()):
-        lines.append(f"{name:<{width}}  {percent(i)}  {percent(a)}")
-    lines.append("-" * (width + 18))
-    lines.append(f"{'mIoU':<{width}}  {percent(matrix.mean_iou())}")
-    lines.append(f"{'pixel accuracy':<{width}}  {percent(matrix.pixel_accuracy())}")
+        lines.append(f"{name:<{width}}  {percent(i):>8}  {percent(a):>8}")
+    lines.append("-" * (width + 20))
+    lines.append(f"{'mIoU':<{width}}  {percent(matrix.mean_iou()):>8}")
+    lines.append(f"{'pixel accuracy':<{width}}  {percent(matrix.pixel_accuracy()):>8}")
     return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 "reference" (plain PyTorch layers) and "fused" (icnet_kernels' pyramid pooling and cascade feature
 fusion ops, BatchNorm folded into the convolutions in inference)."""
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -86,8 +89,11 @@ class ICNet(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if width <= 0:
-            raise ValueError(f"width must be positive, got {width}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < math.inf:
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        num_classes = int(num_classes)
         self.num_classes, self.width, self.mode, self.fused = num_classes, width, mode, fused
         self.channels = _checked_channels(channels) if channels is not None else default_channels(width)
         ch, f = self.channels, fused

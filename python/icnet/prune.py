@@ -19,7 +19,7 @@ from icnet.data.datasets import make_dataset
 from icnet.evaluate import evaluate
 from icnet.layers import ConvBN
 from icnet.model import ICNet
-from icnet.segment import best_device
+from icnet.segment import best_device, parse_device
 from icnet.train import train
 
 FIXED_GROUPS = ("image", "classes")  # the input's channels and the logits are never pruned
@@ -68,10 +68,14 @@ def filter_importance(state: dict, group: ChannelGroup) -> torch.Tensor:
 
 def pruned_channels(model: ICNet, keep: float, original: dict[str, int] | None = None) -> dict[str, int]:
     """Channel counts keeping the fraction keep of original's (default: the model's own) in every group."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    _check_keep(keep)
     original = original or model.channels
     return {group: max(1, int(round(count * keep))) for group, count in original.items()}
+
+
+def _check_keep(keep: float) -> None:
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
 
 
 def prune(model: ICNet, channels: dict[str, int]) -> ICNet:
@@ -111,11 +115,14 @@ def progressive_pruning(weights, keeps, finetune) -> list[dict]:
     prune the latest model, then fine-tune it with the training configuration finetune (a TrainConfig;
     its out folder gets one subfolder per step). Returns one summary row per step, also written to
     <out>/pruning.json, with parameter counts and validation mIoU before and after fine-tuning."""
+    for keep in keeps:  # all checked before any work
+        _check_keep(keep)
     model, payload = load_checkpoint(weights, mode="sub124")
     original, class_names = dict(model.channels), payload["class_names"]
+    finetune = replace(finetune, num_classes=model.num_classes)
     val_set = make_dataset(finetune.dataset, "val", finetune.root, finetune.binary, finetune.synthetic_val,
-                           finetune.synthetic_size)
-    device = torch.device(finetune.device) if finetune.device else best_device()
+                           finetune.synthetic_size, finetune.num_classes)
+    device = parse_device(finetune.device) if finetune.device else best_device()
 
     def miou(candidate):
         return evaluate(candidate.to(device).eval(), val_set, device=device, num_classes=candidate.num_classes,

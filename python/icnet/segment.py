@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from icnet import cityscapes
 from icnet.checkpoint import load_checkpoint
-from icnet.images import find_images, preprocess, read_rgb, write_label_map, write_overlay
+from icnet.images import ImageError, find_images, preprocess, read_rgb, write_label_map, write_overlay
 from icnet.model import ICNet
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -18,6 +18,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(name) -> torch.device:
+    """The device name ("cpu", "cuda", "cuda:1") denotes, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {name!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r} is not available: this machine has no CUDA GPU that torch can use")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} is not available: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported (expected cpu, cuda or cuda:N)")
+    return device
 
 
 def build_model(weights, mode: str, device, dtype, channels_last: bool):
@@ -34,6 +52,27 @@ def build_model(weights, mode: str, device, dtype, channels_last: bool):
     return model, class_names
 
 
+def _check_inputs(files) -> None:
+    """No two files write the same outputs (named by the file's stem), and every one decodes."""
+    by_stem = {}
+    for path in files:
+        if path.stem in by_stem:
+            raise ValueError(f"{by_stem[path.stem]} and {path} would both write {path.stem}_trainIds.png: "
+                             "segment them into separate output folders")
+        by_stem[path.stem] = path
+    errors = []
+    for path in files:
+        try:
+            read_rgb(path)
+        except ImageError as error:
+            errors.append(str(error))
+    if len(files) == 1 and errors:
+        raise ImageError(errors[0])
+    if errors:
+        shown = "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else "")
+        raise ImageError(f"{len(errors)} of {len(files)} images cannot be read, so none was segmented: {shown}")
+
+
 def _batches(images, batch_size):
     """Consecutive images of one size, at most batch_size at a time."""
     for _, same_size in groupby(images, key=lambda item: item[1].shape):
@@ -44,13 +83,21 @@ def _batches(images, batch_size):
 
 def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="float32", batch_size=1,
             channels_last=False) -> list[tuple[Path, float]]:
-    """Segments every image under paths; returns (image, milliseconds of model time per image)."""
-    device = torch.device(device) if device else best_device()
+    """Segments every image under paths; returns (image, milliseconds of model time per image).
+
+    Every input is read before anything is written: unreadable images, or two inputs that would write the
+    same output files, stop the run with an error that names them, and nothing is written."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = parse_device(device) if device else best_device()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder")
+    files = find_images(paths)
+    _check_inputs(files)
     model, class_names = build_model(weights, mode, device, DTYPES[dtype], channels_last)
     palette = cityscapes.PALETTE if len(class_names) == len(cityscapes.PALETTE) else None
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = find_images(paths)
     latencies = []
     with tqdm(total=len(files), desc="segment", unit="image", file=sys.stderr) as progress:
         for batch in _batches(((path, read_rgb(path)) for path in files), batch_size):

@@ -19,13 +19,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from icnet.cityscapes import IGNORE_INDEX
-from icnet.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from icnet.checkpoint import CheckpointError, load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from icnet.data.datasets import Augmented, make_dataset
 from icnet.distributed import World, init_from_environment, mean_over_processes, synchronise_batch_norm
-from icnet.evaluate import evaluate
+from icnet.evaluate import evaluate, percent
 from icnet.losses import LOSSES, PIXEL_MEAN_LOSSES, cascade_label_guidance
 from icnet.model import ICNet
+from icnet.segment import best_device, parse_device
 
+RESUME_KEYS = {"epoch", "iteration", "optimizer", "scheduler", "scaler", "best_miou"}
 LOG_FIELDS = ("epoch", "iteration", "lr", "train_loss", "loss_sub4", "loss_sub24", "loss_sub124", "val_miou",
               "val_pixel_accuracy", "seconds")
 
@@ -36,6 +38,7 @@ class TrainConfig:
     dataset: str = "synthetic"          # synthetic | cityscapes | folder
     root: str | None = None
     binary: bool = True                 # folder datasets: any non-zero mask value is the foreground
+    num_classes: int | None = None      # folder datasets of class-index masks (binary=False): their classes
     synthetic_size: tuple[int, int] = (256, 512)
     synthetic_train: int = 400
     synthetic_val: int = 100
@@ -60,6 +63,12 @@ class TrainConfig:
     seed: int = 0
     max_iterations: int | None = None   # stop early (tests, smoke runs)
     progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "synthetic_train", "synthetic_val"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class GlobalBatchSampler:
@@ -100,19 +109,18 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def _device(config: TrainConfig, world: World) -> torch.device:
-    if config.device:
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank)
-    return torch.device("cpu")
+    """The configured device (default: a GPU if there is one); a GPU without an index is the one of this
+    process's local rank."""
+    device = parse_device(config.device) if config.device else best_device()
+    if device.type == "cuda" and device.index is None:
+        return parse_device(f"cuda:{world.local_rank}")
+    return device
 
 
 def _build_model(config: TrainConfig, num_classes: int):
     if config.init is None:
         return ICNet(num_classes=num_classes, width=config.width, fused=True)
-    payload = read_checkpoint(config.init)
-    model = ICNet(fused=True, **{**payload["config"], "mode": "sub124"})
-    load_weights(model, payload, config.init)
+    model, _ = load_checkpoint(config.init, mode="sub124")
     if model.num_classes != num_classes:
         raise ValueError(f"--init {config.init} has {model.num_classes} classes, the dataset {num_classes}")
     return model
@@ -120,14 +128,19 @@ def _build_model(config: TrainConfig, num_classes: int):
 
 def train(config: TrainConfig) -> list[dict]:
     """Runs the configured training; returns the per-epoch log rows (also written to out/log.csv)."""
-    world = init_from_environment(torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
+    world = init_from_environment(parse_device(config.device) if config.device else best_device())
     device = _device(config, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     size = config.synthetic_size
-    train_set = make_dataset(config.dataset, "train", config.root, config.binary, config.synthetic_train, size)
-    val_set = make_dataset(config.dataset, "val", config.root, config.binary, config.synthetic_val, size)
+    train_set = make_dataset(config.dataset, "train", config.root, config.binary, config.synthetic_train, size,
+                             config.num_classes)
+    val_set = make_dataset(config.dataset, "val", config.root, config.binary, config.synthetic_val, size,
+                           config.num_classes)
     samples = Augmented(train_set, config.crop, config.scale_range, config.seed)
     sampler = GlobalBatchSampler(len(samples), config.batch_size, world, config.seed)
     loader = DataLoader(samples, batch_sampler=sampler, num_workers=config.workers,
@@ -147,12 +160,14 @@ def train(config: TrainConfig) -> list[dict]:
     loss_fn = LOSSES[config.loss]
     pixel_share = _share_of_labelled_pixels if world.distributed and config.loss in PIXEL_MEAN_LOSSES else None
 
-    out = Path(config.out)
     start_epoch, iteration, best = 0, 0, -1.0
     if config.resume:
         payload = read_checkpoint(config.resume)
         load_weights(model, payload, config.resume)
-        state = payload["training_state"]
+        state = payload.get("training_state")
+        if not isinstance(state, dict) or not RESUME_KEYS <= state.keys():
+            raise CheckpointError(f"{config.resume} holds no training state to resume (it was not saved by a "
+                                  "training run); start from its weights with --init instead")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -200,8 +215,10 @@ def train(config: TrainConfig) -> list[dict]:
             save_checkpoint(out / "last.pt", model, train_set.class_names, state)
             if row["val_miou"] > best:
                 save_checkpoint(out / "best.pt", model, train_set.class_names, state)
-            print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val mIoU {row['val_miou']:.4f}, "
-                  f"pixel accuracy {row['val_pixel_accuracy']:.4f} ({row['seconds']:.0f} s)", file=sys.stderr)
+            # the epoch's result: on stdout whether or not progress bars run (on stderr)
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, "
+                  f"val mIoU {percent(row['val_miou'])}, pixel accuracy {percent(row['val_pixel_accuracy'])} "
+                  f"({row['seconds']:.0f} s)", flush=True)
         best = max(best, row["val_miou"])
         if config.max_iterations and iteration >= config.max_iterations:
             break

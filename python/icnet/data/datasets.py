@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from icnet.cityscapes import CLASS_NAMES, IGNORE_INDEX, label_id_to_train_id
 from icnet.data.augment import random_scale_crop_flip
 from icnet.data.synthetic import street_scene
-from icnet.images import IMAGE_SUFFIXES, preprocess, read_rgb
+from icnet.images import IMAGE_SUFFIXES, ImageError, preprocess, read_label_image, read_rgb
 
 
 class SegmentationDataset(Dataset):
@@ -30,6 +29,21 @@ class SegmentationDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def numbered_class_names(count: int) -> tuple[str, ...]:
+    """Names for count classes known only by their index."""
+    return tuple(f"class {i}" for i in range(count))
+
+
+def _pair(image_path, mask_path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image at image_path with its labels, which must be of the image's size: a mask of another size
+    would be scored against a resized prediction, or trained on misaligned."""
+    rgb = read_rgb(image_path)
+    if rgb.shape[:2] != labels.shape:
+        raise ImageError(f"mask {mask_path} is {labels.shape[0]}x{labels.shape[1]} but its image {image_path} is "
+                         f"{rgb.shape[0]}x{rgb.shape[1]}: masks must be of their image's size")
+    return rgb, labels
 
 
 class Cityscapes(SegmentationDataset):
@@ -57,16 +71,19 @@ class Cityscapes(SegmentationDataset):
         return len(self.images)
 
     def sample(self, index):
-        with Image.open(self.labels[index]) as label_ids:
-            labels = self.to_train_id[np.asarray(label_ids)]
-        return read_rgb(self.images[index]), labels
+        label_ids = read_label_image(self.labels[index], class_indices=True)
+        if label_ids.max(initial=0) >= len(self.to_train_id) or label_ids.min(initial=0) < 0:
+            raise ImageError(f"{self.labels[index]} holds label id {int(label_ids.max())}: Cityscapes labelIds "
+                             f"are below {len(self.to_train_id)}")
+        return _pair(self.images[index], self.labels[index], self.to_train_id[label_ids])
 
 
 class Folder(SegmentationDataset):
     """root/images/<name>.<ext> with root/masks/<name>.<ext> or <name>_mask.<ext> (e.g. Carvana).
 
     binary=True: any non-zero mask value is the foreground (classes background, foreground); otherwise mask
-    values are class indices, values >= len(class_names) other than 255 are an error.
+    values are class indices (single-channel masks: greyscale, palette or 16-bit) and values >=
+    len(class_names) other than 255 are an error. A mask must be of its image's size.
     """
 
     def __init__(self, root, binary: bool = True, class_names: tuple[str, ...] | None = None):
@@ -95,17 +112,13 @@ class Folder(SegmentationDataset):
         return len(self.images)
 
     def sample(self, index):
-        with Image.open(self.masks[index]) as mask:
-            values = np.asarray(mask.convert("L"))
-        if self.binary:
-            labels = (values > 0).astype(np.uint8)
-        else:
-            labels = values
+        labels = read_label_image(self.masks[index], class_indices=not self.binary)
+        if not self.binary:
             bad = (labels >= len(self.class_names)) & (labels != IGNORE_INDEX)
             if bad.any():
-                raise ValueError(f"mask {self.masks[index]} holds class {int(labels[bad][0])}, "
+                raise ImageError(f"mask {self.masks[index]} holds class {int(labels[bad][0])}, "
                                  f"but there are {len(self.class_names)} classes")
-        return read_rgb(self.images[index]), labels
+        return _pair(self.images[index], self.masks[index], labels)
 
 
 class SyntheticStreets(SegmentationDataset):
@@ -153,16 +166,29 @@ class Augmented(Dataset):
 
 
 def make_dataset(kind: str, split: str, root=None, binary: bool = True, synthetic_count: int | None = None,
-                 synthetic_size: tuple[int, int] = (256, 512)) -> SegmentationDataset:
+                 synthetic_size: tuple[int, int] = (256, 512), num_classes: int | None = None) -> SegmentationDataset:
     """The dataset named on the command line: "synthetic", "cityscapes" (root: the Cityscapes folder) or
-    "folder" (root/<split>/images and root/<split>/masks)."""
+    "folder" (root/<split>/images and root/<split>/masks). num_classes, the model's: a folder of class-index
+    masks (binary=False) needs it, and every other dataset must have that many classes."""
+    dataset = _dataset(kind, split, root, binary, synthetic_count, synthetic_size, num_classes)
+    if num_classes is not None and dataset.num_classes != num_classes:
+        raise ValueError(f"the {kind} dataset has {dataset.num_classes} classes, the model {num_classes}")
+    return dataset
+
+
+def _dataset(kind, split, root, binary, synthetic_count, synthetic_size, num_classes) -> SegmentationDataset:
     if kind == "synthetic":
-        count = synthetic_count or (400 if split == "train" else 100)
+        count = synthetic_count if synthetic_count is not None else (400 if split == "train" else 100)
         return SyntheticStreets(split, count, synthetic_size)
     if root is None:
         raise ValueError(f"dataset {kind!r} needs a root folder (--root)")
     if kind == "cityscapes":
         return Cityscapes(root, split)
     if kind == "folder":
-        return Folder(Path(root) / split, binary=binary)
+        if binary:
+            return Folder(Path(root) / split, binary=True)
+        if num_classes is None:
+            raise ValueError("a folder dataset of class-index masks (--multiclass-masks) needs the number of "
+                             "classes (--num-classes)")
+        return Folder(Path(root) / split, binary=False, class_names=numbered_class_names(num_classes))
     raise ValueError(f"dataset must be 'synthetic', 'cityscapes' or 'folder', got {kind!r}")
