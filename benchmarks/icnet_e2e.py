@@ -1,13 +1,21 @@
 """End-to-end ICNet benchmark: the paper's Table 4 (sub4 / sub24 / sub124 at 1025x2049) on this machine.
 
-python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/results] [--quick]
+python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/results] [--quick] [--runners ...]
+    [--modes ...] [--batches ...] [--dtypes ...] [--layouts ...] [--input-size H W] [--compile-cache FILE]
 
 Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, BatchNorm folded), sharing one
-random state_dict. Runners: eager; on a GPU also torch.compile (default and max-autotune) of the reference
-and CUDA-graph replay of the fused build, with its default (native CUDA) and its Triton kernels, and for
-the goal configurations torch.compile max-autotune of the fused build as well. Rows: latency p20/p50/p80,
-fps, peak memory (GPU), argmax agreement with the reference build, speedup over the reference build run
-eagerly in the same layout.
+random state_dict. Runners (RUNNERS, in this order unless --runners names others): eager, both builds; on a
+GPU CUDA-graph replay of the fused build with its default (native CUDA) and its Triton kernels, and for
+the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
+(max-autotune), and the reference's torch.compile max-autotune last. Each runner is built, checked,
+timed and written to the results file before the next one starts (on the CPU, where runners are timed in
+alternating rounds, after the configuration's last runner), so a run cut short keeps what finished.
+Rows: compile_s (seconds from building the runner to its first output: compiling, autotuning and graph
+capture included), latency p20/p50/p80, fps, peak memory (GPU), argmax agreement with the reference build,
+speedup over the reference build run eagerly in the same layout, and for the fused build
+epilogue_fallbacks (the convolutions whose fused epilogue fell back to the plain path, and why).
+--compile-cache loads torch.compile's artifacts from FILE when it was made on this GPU model with this
+torch and Triton (benchmarks.compile_cache), and adds this run's artifacts to it after every compiled runner.
 
 Roofline (benchmarks.network_cost, benchmarks.roofline), the same in every row of a configuration: flops
 and conv_flops, the network's definition (the reference build, FlopCounterMode, 2 per multiply-add), and
@@ -32,15 +40,19 @@ import argparse
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks import layer_groups, network_cost, plot, report, roofline, timing
+from benchmarks import compile_cache, layer_groups, network_cost, plot, report, roofline, timing
+from benchmarks.case import dtype_name
 from icnet import ICNet
 from icnet.graphs import CudaGraphRunner
+from icnet.layers import epilogue_fallbacks
 
 log = logging.getLogger("benchmarks")
 INPUT_SIZE = (1025, 2049)
@@ -52,11 +64,15 @@ class Config:
     batch: int
     dtype: torch.dtype
     channels_last: bool
+    size: tuple[int, int] = INPUT_SIZE
+
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "nchw"
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "batch": self.batch, "dtype": str(self.dtype).removeprefix("torch."),
-                "layout": "channels_last" if self.channels_last else "nchw",
-                "input": [self.batch, 3, *INPUT_SIZE]}
+        return {"mode": self.mode, "batch": self.batch, "dtype": dtype_name(self.dtype), "layout": self.layout,
+                "input": [self.batch, 3, *self.size]}
 
 
 def configs(device: torch.device, quick: bool) -> list[Config]:
@@ -87,22 +103,51 @@ def build_models(config: Config, device: torch.device) -> dict[str, torch.nn.Mod
             for name, model in (("reference", reference), ("fused", fused))}
 
 
-def runner_factories(models: dict, config: Config, device: torch.device, x: torch.Tensor) -> dict:
-    """Name -> zero-argument function that builds the runner (a CUDA graph is captured when it is built)."""
-    found = {"reference-eager": lambda: models["reference"], "fused-eager": lambda: models["fused"]}
-    if device.type == "cuda":
-        found["fused-cuda-graph"] = lambda: CudaGraphRunner(models["fused"], x)
-        triton_build = with_backend(models["fused"], "triton")  # copied here: its weights are not its peak
-        found["fused-triton-cuda-graph"] = lambda: CudaGraphRunner(triton_build, x)
-        # compiling takes minutes per configuration: the comparisons the goals name, sub124 in float16.
-        # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels; the
-        # fused build compiles with its icnet ops kept whole.
-        if config.mode == "sub124" and config.dtype == torch.float16:
-            torch._dynamo.reset()
-            found["reference-compile"] = lambda: torch.compile(models["reference"])
-            found["reference-compile-max-autotune"] = lambda: torch.compile(models["reference"], mode="max-autotune")
-            found["fused-compile-max-autotune"] = lambda: torch.compile(models["fused"], mode="max-autotune")
-    return found
+def _goal(config: Config) -> bool:
+    """The configuration the goals name: compiling takes minutes per configuration, so only it is compiled."""
+    return config.mode == "sub124" and config.dtype == torch.float16
+
+
+def _on_gpu(config: Config, device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _compiled(mode: str | None) -> Callable:
+    # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels; the fused
+    # build compiles with its icnet ops kept whole.
+    def wrap(model, x):
+        torch._dynamo.reset()
+        return torch.compile(model, mode=mode)
+    return wrap
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a runner is made: prepare picks (or copies) the model it runs from the builds, outside the peak
+    memory measurement; wrap(model, x) turns it into the callable that is timed; applies says for which
+    configurations and devices it runs; compiles marks the torch.compile runners (the cache is saved after
+    each)."""
+    prepare: Callable[[dict], torch.nn.Module]
+    wrap: Callable = field(default=lambda model, x: model)
+    applies: Callable[[Config, torch.device], bool] = field(default=lambda config, device: True)
+    compiles: bool = False
+
+
+RUNNERS: dict[str, Runner] = {
+    "reference-eager": Runner(lambda models: models["reference"]),
+    "fused-eager": Runner(lambda models: models["fused"]),
+    "fused-cuda-graph": Runner(lambda models: models["fused"], CudaGraphRunner, _on_gpu),
+    "fused-triton-cuda-graph": Runner(lambda models: with_backend(models["fused"], "triton"), CudaGraphRunner,
+                                      _on_gpu),
+    "reference-compile": Runner(lambda models: models["reference"], _compiled(None),
+                                lambda config, device: _on_gpu(config, device) and _goal(config), compiles=True),
+    "fused-compile-max-autotune": Runner(lambda models: models["fused"], _compiled("max-autotune"),
+                                         lambda config, device: _on_gpu(config, device) and _goal(config),
+                                         compiles=True),
+    "reference-compile-max-autotune": Runner(lambda models: models["reference"], _compiled("max-autotune"),
+                                             lambda config, device: _on_gpu(config, device) and _goal(config),
+                                             compiles=True),
+}
 
 
 def with_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -123,8 +168,9 @@ def _allocated_mb(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2**20
 
 
-def build_and_check(factory, x: torch.Tensor, expected: torch.Tensor, model_mb: float) -> tuple:
-    """Builds one runner, checks its argmax against the reference build and, on a GPU, measures its peak memory.
+def build_and_check(runner: Runner, model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor) -> tuple:
+    """Builds one runner; returns (callable, seconds to its first output, argmax agreement with the reference
+    build, peak memory in MB on a GPU, else None).
 
     Peak memory is what this runner alone would hold at its busiest: its model's weights, the input, what it
     keeps between calls (a graph's static buffers, compiled constants) and the most its call allocates on top.
@@ -136,71 +182,85 @@ def build_and_check(factory, x: torch.Tensor, expected: torch.Tensor, model_mb: 
     if on_gpu:
         start_mb = _allocated_mb(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
-    fn = factory()
-    agreement = (fn(x).argmax(1) == expected).float().mean().item()
+    start = time.perf_counter()
+    fn = runner.wrap(model, x)
+    first = fn(x)
+    if on_gpu:
+        torch.cuda.synchronize(x.device)
+    compile_s = time.perf_counter() - start
+    agreement = (first.argmax(1) == expected).float().mean().item()
     if not on_gpu:
-        return fn, agreement, None
+        return fn, compile_s, agreement, None
     if not isinstance(fn, CudaGraphRunner):
         torch.cuda.reset_peak_memory_stats(x.device)
         fn(x)
         torch.cuda.synchronize(x.device)
     peak = torch.cuda.max_memory_allocated(x.device) / 2**20 - start_mb
     input_mb = x.numel() * x.element_size() / 2**20
-    return fn, agreement, model_mb + input_mb + max(peak, 0.0)
+    return fn, compile_s, agreement, _device_bytes(model) / 2**20 + input_mb + max(peak, 0.0)
 
 
 # Calls per build for the layer-group medians: each CPU call of the full network takes a good part of a
 # second on a few cores; on a GPU a call takes milliseconds.
 LAYER_GROUP_CALLS = {"cpu": 5, "cuda": 25}
-EAGER_BUILDS = {"reference-eager": "reference", "fused-eager": "fused"}
+EAGER_RUNNERS = ("reference-eager", "fused-eager")
 
 
-def run_config(config: Config, device: torch.device, effort: timing.Effort, peaks: roofline.Peaks) -> list[dict]:
+def run_config(config: Config, device: torch.device, effort: timing.Effort, peaks: roofline.Peaks,
+               runners: list[str], on_row: Callable[[dict], None]) -> None:
+    """Measures the named runners on one configuration in their order, handing each finished row to on_row."""
     models = build_models(config, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, INPUT_SIZE)
-    x = (torch.randn(config.batch, 3, *INPUT_SIZE, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
-    rows, ready = [], {}
-    model_mb = {build: _device_bytes(model) / 2**20 for build, model in models.items()}
-    peak_mb = {}
-    with torch.inference_mode():
-        expected = models["reference"](x).argmax(1)
-        for name, factory in runner_factories(models, config, device, x).items():
-            row = config.describe() | {"runner": name}
-            log.info("icnet %s %s batch %d %s: %s", config.mode, row["dtype"], config.batch, row["layout"], name)
-            try:
-                fn, row["argmax_agreement"], peak = build_and_check(
-                    factory, x, expected, model_mb["reference" if name.startswith("reference") else "fused"])
-                ready[name] = fn
-                if peak is not None:
-                    peak_mb[name] = peak
-            except Exception as exc:  # a failing runner gets a row that says why
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            rows.append(row)
-        times = timing.time_together_ms({name: (lambda fn=fn: fn(x)) for name, fn in ready.items()}, device, effort)
-        groups, kernel_groups = {}, {}
-        for runner, build in EAGER_BUILDS.items():
-            if runner in ready:
-                log.info("  layer groups: %s", build)
-                groups[runner] = layer_groups.layer_group_ms(models[build], x, LAYER_GROUP_CALLS[device.type])
-                if device.type == "cuda":
-                    kernel_groups[runner] = layer_groups.layer_group_kernel_ms(models[build], x,
-                                                                               LAYER_GROUP_CALLS[device.type])
-    for row in rows:
-        if row["runner"] in times:
+    cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, config.size)
+    x = (torch.randn(config.batch, 3, *config.size, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
+    pending = []  # (row, callable, model) built but not yet timed
+
+    def finish(built):
+        times = timing.time_together_ms({row["runner"]: (lambda fn=fn: fn(x)) for row, fn, _ in built}, device, effort)
+        for row, _, model in built:
             p20, p50, p80 = times[row["runner"]]
             row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "fps": config.batch * 1e3 / p50}
             row |= cost | _roofline_fields(cost, p50, peaks, row["dtype"])
-            if row["runner"] in peak_mb:
-                row["peak_memory_mb"] = peak_mb[row["runner"]]
-            if row["runner"] in groups:
-                row["layer_groups_ms"] = groups[row["runner"]]
-            if row["runner"] in kernel_groups:
-                row["layer_groups_kernel_ms"] = kernel_groups[row["runner"]]
-    base = next((r for r in rows if r["runner"] == "reference-eager" and "p50_ms" in r), None)
+            if row["runner"] in EAGER_RUNNERS:
+                log.info("  layer groups: %s", row["runner"])
+                row["layer_groups_ms"] = layer_groups.layer_group_ms(model, x, LAYER_GROUP_CALLS[device.type])
+                if device.type == "cuda":
+                    row["layer_groups_kernel_ms"] = layer_groups.layer_group_kernel_ms(
+                        model, x, LAYER_GROUP_CALLS[device.type])
+            on_row(row)
+
+    with torch.inference_mode():
+        expected = models["reference"](x).argmax(1)
+        for name in runners:
+            runner = RUNNERS[name]
+            row = config.describe() | {"runner": name}
+            log.info("icnet %s %s batch %d %s: %s", config.mode, row["dtype"], config.batch, row["layout"], name)
+            try:
+                model = runner.prepare(models)
+                fn, row["compile_s"], row["argmax_agreement"], peak = build_and_check(runner, model, x, expected)
+                if peak is not None:
+                    row["peak_memory_mb"] = peak
+                if getattr(model, "fused", False):
+                    row["epilogue_fallbacks"] = epilogue_fallbacks(model)
+            except Exception as exc:  # a failing runner gets a row that says why
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("  failed: %s", row["error"])
+                on_row(row)
+                continue
+            pending.append((row, fn, model))
+            if device.type == "cuda":  # each timed alone: its row is written before the next runner starts
+                finish(pending)
+                pending = []
+        if pending:  # on the CPU the runners take turns, so that a slow spell falls on all of them alike
+            finish(pending)
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """Each timed row's speedup over the reference build run eagerly in the same configuration."""
+    base = {_config_label(r): r["p50_ms"] for r in rows if r["runner"] == "reference-eager" and "p50_ms" in r}
     for row in rows:
-        if base is not None and "p50_ms" in row:
-            row["speedup_vs_reference_eager"] = base["p50_ms"] / row["p50_ms"]
+        if "p50_ms" in row and _config_label(row) in base:
+            row["speedup_vs_reference_eager"] = base[_config_label(row)] / row["p50_ms"]
     return rows
 
 
@@ -234,7 +294,7 @@ def _config_label(row: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'mode':7} {'batch':>5} {'dtype':9} {'layout':13} {'runner':32} {'p50 ms':>9} {'fps':>8} "
-            f"{'speedup':>8} {'argmax':>7} {'TFLOP/s':>8} {'% floor':>8} {'% layerwise':>11}")
+            f"{'speedup':>8} {'argmax':>7} {'TFLOP/s':>8} {'% floor':>8} {'% layerwise':>11} {'compile s':>9}")
     lines = [head]
     for r in rows:
         label = f"{r['mode']:7} {r['batch']:>5} {r['dtype']:9} {r['layout']:13} {r['runner']:32} "
@@ -243,7 +303,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         lines.append(label + f"{r['p50_ms']:9.2f} {r['fps']:8.2f} {r.get('speedup_vs_reference_eager', 0):7.2f}x "
                      f"{r['argmax_agreement']:7.4f} {r['tflops']:8.3g} {r['pct_of_roofline_floor']:8.3g} "
-                     f"{r['pct_of_layerwise_floor']:11.3g}")
+                     f"{r['pct_of_layerwise_floor']:11.3g} {r.get('compile_s', float('nan')):9.1f}")
     return "\n".join(lines)
 
 
@@ -299,16 +359,41 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def chosen_configs(device: torch.device, args: argparse.Namespace) -> list[Config]:
+    """configs(device, quick), narrowed to the modes, batches, dtypes and layouts asked for, at the input size."""
+    chosen = [Config(c.mode, c.batch, c.dtype, c.channels_last, tuple(args.input_size))
+              for c in configs(device, args.quick)
+              if (not args.modes or c.mode in args.modes) and (not args.batches or c.batch in args.batches)
+              and (not args.dtypes or dtype_name(c.dtype) in args.dtypes)
+              and (not args.layouts or c.layout in args.layouts)]
+    if not chosen:
+        raise SystemExit("icnet_e2e: no configuration of this device matches --modes/--batches/--dtypes/--layouts")
+    return chosen
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--out", type=Path, default=report.REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the configurations already in the results file and measure only the rest")
+                        help="keep the rows already in the results file and measure only the missing runners")
     parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
                         help="print the README table of an earlier results file and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument("--runners", nargs="+", choices=list(RUNNERS), default=list(RUNNERS),
+                        help="the runners to measure, in this order (default: all, in RUNNERS' order)")
+    parser.add_argument("--modes", nargs="+", choices=("sub4", "sub24", "sub124"))
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"))
+    parser.add_argument("--input-size", nargs=2, type=int, default=list(INPUT_SIZE), metavar=("H", "W"))
+    parser.add_argument("--compile-cache", type=Path, metavar="FILE",
+                        help="torch.compile artifacts: loaded when made in this environment, extended by this run")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.markdown:
         print(format_markdown(json.loads(args.markdown.read_text())["rows"]))
         return 0
@@ -318,7 +403,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     effort = timing.QUICK if args.quick else timing.Effort(cpu_min_run_s=1.0, cpu_min_samples=5,
                                                            gpu_warmup_ms=100, gpu_rep_ms=500)
-    chosen = configs(device, args.quick)
+    chosen = chosen_configs(device, args)
+    cache = compile_cache.load(args.compile_cache, device) if args.compile_cache else None
     measured = roofline.measured_peaks((config.dtype for config in chosen), device, effort)
     peaks = measured
     if device.type == "cuda":
@@ -327,17 +413,29 @@ def main(argv=None) -> int:
              ", ".join(f"{dtype} {rate:.3g}" for dtype, rate in peaks.tflops.items()))
     group_spans = {group: [list(point) for point in span] for group, span in layer_groups.GROUPS.items()}
     run_meta = (report.meta(device, measured.gbps, measured.dense_rates, measured.tflops, args.quick)
-                | {"benchmark": "icnet end to end", "input_size": list(INPUT_SIZE), "roofline_peaks": peaks.describe(),
+                | {"benchmark": "icnet end to end", "input_size": list(args.input_size),
+                   "roofline_peaks": peaks.describe(),
                    "layer_groups": group_spans | {layer_groups.HEAD: "total minus the groups that ran"}})
+    if cache is not None:
+        run_meta["compile_cache"] = cache
     suffix = "-quick" if args.quick else ""
     path = args.out / f"icnet-{report.slug(report.device_name(device))}{suffix}.json"
     rows = _rows_done(path) if args.resume else []
+
+    def on_row(row: dict) -> None:  # every row is written as it finishes, so a run cut short keeps it
+        rows.append(row)
+        if args.compile_cache and RUNNERS[row["runner"]].compiles:
+            run_meta["compile_cache_saved"] = compile_cache.save(args.compile_cache, device)
+        report.write_json(path, run_meta, with_speedups(rows))
+
     for config in chosen:
-        if any(row_config(row) == config.describe() for row in rows):
-            log.info("already measured: %s", config.describe())
-            continue
-        rows += run_config(config, device, effort, peaks)
-        report.write_json(path, run_meta, rows)  # after every configuration, so a run cut short keeps its rows
+        done = {row["runner"] for row in rows if row_config(row) == config.describe()}
+        todo = [name for name in args.runners if name not in done and RUNNERS[name].applies(config, device)]
+        if done:
+            log.info("already measured for %s: %s", config.describe(), ", ".join(sorted(done)))
+        if todo:
+            run_config(config, device, effort, peaks, todo, on_row)
+    report.write_json(path, run_meta, with_speedups(rows))
     print(format_table(rows), format_roofline(rows), format_layer_groups(rows), sep="\n\n")
     log.info("wrote %s", path)
     if plot.matplotlib_available():

@@ -223,13 +223,14 @@ def test_gpu_configurations_the_goals_name_come_first():
     assert [(c.mode, c.batch, c.dtype) for c in chosen[:2]] == [("sub124", 1, torch.float16), ("sub124", 16, torch.float16)]
 
 
-def test_resume_measures_only_the_configurations_missing_from_the_results(tmp_path, monkeypatch):
+def test_resume_measures_only_the_runners_missing_from_the_results(tmp_path, monkeypatch):
     done, missing = (icnet_e2e.Config("sub4", 1, torch.float32, False), icnet_e2e.Config("sub24", 1, torch.float32, False))
     measured = []
 
-    def fake_run_config(config, device, effort, peaks):
-        measured.append(config)
-        return [config.describe() | {"runner": "reference-eager", "p50_ms": 1.0}]
+    def fake_run_config(config, device, effort, peaks, runners, on_row):
+        measured.append((config, runners))
+        for runner in runners:
+            on_row(config.describe() | {"runner": runner, "p50_ms": 1.0})
 
     monkeypatch.setattr(icnet_e2e, "configs", lambda device, quick: [done, missing])
     monkeypatch.setattr(icnet_e2e, "run_config", fake_run_config)
@@ -241,8 +242,69 @@ def test_resume_measures_only_the_configurations_missing_from_the_results(tmp_pa
     earlier = done.describe() | {"runner": "reference-eager", "p50_ms": 7.0}
     path.write_text(json.dumps({"meta": {}, "rows": [earlier]}))
     assert icnet_e2e.main(["--device", "cpu", "--quick", "--resume", "--out", str(tmp_path)]) == 0
-    assert measured == [missing]
-    assert [row["p50_ms"] for row in json.loads(path.read_text())["rows"]] == [7.0, 1.0]
+    assert measured == [(done, ["fused-eager"]), (missing, ["reference-eager", "fused-eager"])]
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["mode"], row["runner"], row["p50_ms"]) for row in rows] == [
+        ("sub4", "reference-eager", 7.0), ("sub4", "fused-eager", 1.0),
+        ("sub24", "reference-eager", 1.0), ("sub24", "fused-eager", 1.0)]
+    assert rows[1]["speedup_vs_reference_eager"] == 7.0
+
+
+class Killed(BaseException):
+    """Stands for a time limit's kill: not an Exception, so no runner catches it."""
+
+
+def _tiny_run(monkeypatch, runners: dict) -> list[dict]:
+    for name, runner in runners.items():
+        monkeypatch.setitem(icnet_e2e.RUNNERS, name, runner)
+    monkeypatch.setattr(icnet_e2e, "EAGER_RUNNERS", ())  # no layer-group timing: faster
+    rows = []
+    config = icnet_e2e.Config("sub124", 1, torch.float32, False, (33, 65))
+    peaks = roofline.Peaks(gbps=1.0, tflops={"float32": 1.0}, source="test")
+    try:
+        icnet_e2e.run_config(config, torch.device("cpu"), icnet_e2e.timing.QUICK, peaks, list(runners), rows.append)
+    except Killed:
+        pass
+    return rows
+
+
+def _killed(model, x):
+    raise Killed
+
+
+def _no_engine(model, x):
+    raise RuntimeError("no engine\nmore")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failing_runner_gets_a_row_and_the_next_runner_still_runs(monkeypatch):
+    rows = _tiny_run(monkeypatch, {"reference-eager": icnet_e2e.Runner(lambda models: models["reference"], _no_engine),
+                                   "fused-eager": icnet_e2e.Runner(lambda models: models["fused"])})
+    assert [row["runner"] for row in rows] == ["reference-eager", "fused-eager"]
+    assert rows[0]["error"] == "RuntimeError: no engine" and "p50_ms" not in rows[0]
+    assert rows[1]["p50_ms"] > 0 and rows[1]["compile_s"] >= 0 and rows[1]["epilogue_fallbacks"] == {}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_killed_runner_leaves_the_rows_written_before_it(monkeypatch):
+    """On the CPU the runners are timed together once all are built: a kill while building leaves only the
+    error rows written before it; on a GPU each runner's row is written before the next one starts."""
+    rows = _tiny_run(monkeypatch, {"reference-eager": icnet_e2e.Runner(lambda models: models["reference"], _no_engine),
+                                   "fused-eager": icnet_e2e.Runner(lambda models: models["fused"], _killed)})
+    assert [row["runner"] for row in rows] == ["reference-eager"]
+
+
+def test_gpu_runners_come_in_the_order_the_goals_compare_them():
+    goal = icnet_e2e.Config("sub124", 1, torch.float16, True)
+    cuda = torch.device("cuda")
+    applicable = [name for name, runner in icnet_e2e.RUNNERS.items() if runner.applies(goal, cuda)]
+    assert applicable[:4] == ["reference-eager", "fused-eager", "fused-cuda-graph", "fused-triton-cuda-graph"]
+    assert applicable[-1] == "reference-compile-max-autotune"
+    other = icnet_e2e.Config("sub4", 1, torch.float32, True)
+    assert not any(icnet_e2e.RUNNERS[name].compiles for name in icnet_e2e.RUNNERS
+                   if icnet_e2e.RUNNERS[name].applies(other, cuda))
+    assert [name for name in icnet_e2e.RUNNERS if icnet_e2e.RUNNERS[name].applies(goal, torch.device("cpu"))] == [
+        "reference-eager", "fused-eager"]
 
 
 def test_with_backend_switches_every_icnet_op_of_a_copy():
