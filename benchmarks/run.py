@@ -1,6 +1,7 @@
 """Benchmark entry point.
 
 python -m benchmarks.run [--ops pyramid_pool_sum ...] [--device cpu|cuda|auto] [--out benchmarks/results] [--quick]
+    [--goal] [--providers eager icnet-native ...] [--compile-cache FILE]
 
 For every case of every op: compute the reference in float64 from the same inputs, run each provider once
 and diff it against that reference, then time the providers together (on the CPU in alternating rounds, so
@@ -20,6 +21,11 @@ p50, i.e. how close p50 is to the fastest time the memory traffic and the arithm
 memory-bound case it equals gbps as a percentage of meta.copy_gbps. max_rel_err is max_abs_err over the
 largest reference magnitude: elementwise ratios are meaningless where the sum crosses zero.
 speedup_vs_eager is eager's p50 over this provider's p50.
+
+--goal keeps the cases the GPU goals name (float16 on a GPU, float32 on the CPU; both batches; ICNet's own
+CFF geometry, the exact shortcut, at sub24 and sub12; every pyramid pooling case). The results file is
+rewritten after every case, so a run cut short keeps the cases that finished. --compile-cache: see
+benchmarks.compile_cache (saved after every case that a torch.compile provider ran).
 """
 
 import argparse
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cascade_feature_fusion, plot, pyramid_pool_sum, report, roofline, timing
+from benchmarks import cascade_feature_fusion, compile_cache, plot, pyramid_pool_sum, report, roofline, timing
 from benchmarks.case import Case, OpBenchmark
 
 OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum, cascade_feature_fusion)}
@@ -52,12 +58,20 @@ def _throughput(case: Case, p50_ms: float, copy_gbps: float, peak_tflops: float)
             "roofline_bound": bound, "pct_of_roofline_floor": 100 * floor_ms / p50_ms}
 
 
+def goal_case(case: Case, device: torch.device) -> bool:
+    """A case the GPU goals name (on the CPU, its float32 twin): ICNet's own geometry, in the goals' dtype."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return case.dtype == dtype and not case.variant.endswith("-general")
+
+
 def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
-             copy_gbps: float, peak_tflops: dict[str, float]) -> list[dict]:
+             copy_gbps: float, peak_tflops: dict[str, float], providers: list[str] | None = None) -> list[dict]:
     inputs = op.make_inputs(case, device)
     expected = op.reference(case, inputs)
     rows, ready = [], {}
     for provider, build in op.providers(device).items():
+        if providers is not None and provider not in providers:
+            continue
         row = case.describe() | {"provider": provider}
         log.info("%s %s %s %s: %s", case.op, case.variant, "x".join(map(str, case.shape)), row["dtype"], provider)
         try:
@@ -96,12 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="folder for the results file and chart (default: benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="batch 1 only and shorter timing")
+    parser.add_argument("--goal", action="store_true", help="only the cases the GPU goals name (see above)")
+    parser.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                        help="only these providers (eager, compile, compile-max-autotune, icnet-native, icnet-triton)")
+    parser.add_argument("--compile-cache", type=Path, metavar="FILE",
+                        help="torch.compile artifacts: loaded when made in this environment, extended by this run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     device = _device(args.device)
     effort = timing.QUICK if args.quick else timing.FULL
-    work = [(OPS[name], case) for name in args.ops for case in OPS[name].cases(device, args.quick)]
+    work = [(OPS[name], case) for name in args.ops for case in OPS[name].cases(device, args.quick)
+            if not args.goal or goal_case(case, device)]
+    cache = compile_cache.load(args.compile_cache, device) if args.compile_cache else None
     peaks = roofline.measured_peaks((case.dtype for _, case in work), device, effort,
                                     max(case.min_bytes for _, case in work))
     copy_gbps, dense_tflops, peak_tflops = peaks.gbps, peaks.dense_rates, peaks.tflops
@@ -110,12 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("dense rates in %s: %s TFLOP/s", dtype,
                  ", ".join(f"{problem} {rate:.3g}" for problem, rate in rates.items()))
 
-    rows = [row for op, case in work for row in run_case(op, case, device, effort, copy_gbps, peak_tflops)]
-    print(report.format_table(rows))
-
     suffix = "-quick" if args.quick else ""
     results_path = args.out / f"ops-{report.slug(report.device_name(device))}{suffix}.json"
-    report.write_json(results_path, report.meta(device, copy_gbps, dense_tflops, peak_tflops, args.quick), rows)
+    run_meta = report.meta(device, copy_gbps, dense_tflops, peak_tflops, args.quick) | {"goal_cases_only": args.goal}
+    if cache is not None:
+        run_meta["compile_cache"] = cache
+    rows = []
+    for op, case in work:
+        case_rows = run_case(op, case, device, effort, copy_gbps, peak_tflops, args.providers)
+        rows += case_rows
+        if args.compile_cache and any(row["provider"].startswith("compile") for row in case_rows):
+            run_meta["compile_cache_saved"] = compile_cache.save(args.compile_cache, device)
+        report.write_json(results_path, run_meta, rows)  # after every case, so a run cut short keeps its rows
+    print(report.format_table(rows))
     log.info("wrote %s", results_path)
     if plot.matplotlib_available():
         log.info("wrote %s", plot.write_plot(results_path))
