@@ -1,4 +1,4 @@
-"""ICNet: structure against ICNET.md, fused vs reference parity, checkpoints and the segment CLI."""
+"""ICNet: structure against docs/NETWORK.md, fused vs reference parity, checkpoints and the segment CLI."""
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ def randomize_batch_norm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
 
 def test_parameter_count_matches_the_released_model():
     count = sum(p.numel() for p in ICNet(num_classes=19, width=0.5).parameters())
-    assert 6.6e6 < count < 6.8e6, count  # ICNET.md: about 6.7 M
+    assert 6.6e6 < count < 6.8e6, count  # docs/NETWORK.md: about 6.7 M
     full = sum(p.numel() for p in ICNet(num_classes=19, width=1.0).parameters())
     assert 3.5 < full / count < 4.1  # convolution parameters scale with width squared
 

@@ -130,7 +130,7 @@ def _add_dataset_arguments(parser):
     parser.add_argument("--multiclass-masks", dest="binary", action="store_false",
                         help="folder dataset: mask values are class indices, 255 ignored (without it: binary, "
                              "non-zero = foreground)")
-    parser.add_argument("--synthetic-size", type=_size, default="256x512", help="synthetic scene size HxW")
+    parser.add_argument("--synthetic-size", type=_size, default="256x512", metavar="HxW", help="synthetic scene size")
     parser.add_argument("--synthetic-train", type=_positive_int, default=400, help="synthetic training scenes")
     parser.add_argument("--synthetic-val", type=_positive_int, default=100, help="synthetic validation scenes")
     parser.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: a GPU if there is one)")
@@ -143,7 +143,7 @@ def _add_training_arguments(parser):
                         help="folder for checkpoints (last.pt, best.pt) and log.csv")
     parser.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training set")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="global batch over all processes")
-    parser.add_argument("--crop", type=_size, default="225x449", help="training crop HxW")
+    parser.add_argument("--crop", type=_size, default="225x449", metavar="HxW", help="training crop")
     parser.add_argument("--scale-range", type=_positive_float, nargs=2, default=(0.75, 1.5), metavar=("MIN", "MAX"),
                         help="random scaling of each training sample")
     parser.add_argument("--lr", type=_positive_float, default=0.01, help="initial learning rate (poly schedule)")
