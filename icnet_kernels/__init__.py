@@ -6,8 +6,9 @@ exposes plain functions and nn.Modules over them.
 
 from icnet_kernels._native import native_available, native_cuda_available
 from icnet_kernels.nn import CascadeFeatureFusion, PyramidPoolingSum
-from icnet_kernels.ops import cascade_feature_fusion, pyramid_pool_sum
-from icnet_kernels.reference import cascade_feature_fusion_reference, pyramid_pool_sum_reference
+from icnet_kernels.ops import cascade_feature_fusion, pyramid_pool_sum, segmentation_head, segmentation_head_labels
+from icnet_kernels.reference import (cascade_feature_fusion_reference, pyramid_pool_sum_reference,
+                                     segmentation_head_reference)
 
 __all__ = [
     "CascadeFeatureFusion",
@@ -18,4 +19,7 @@ __all__ = [
     "native_cuda_available",
     "pyramid_pool_sum",
     "pyramid_pool_sum_reference",
+    "segmentation_head",
+    "segmentation_head_labels",
+    "segmentation_head_reference",
 ]

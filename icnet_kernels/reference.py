@@ -104,3 +104,15 @@ def cascade_feature_fusion_reference(low: torch.Tensor, high: torch.Tensor,
     out = torch.relu(branch_low * scale_low.reshape(per_channel) + shift_low.reshape(per_channel)
                      + branch_high * scale_high.reshape(per_channel) + shift_high.reshape(per_channel))
     return (out, up) if return_upsampled else out
+
+
+def segmentation_head_reference(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zoom: int,
+                                labels: bool = False) -> torch.Tensor:
+    """ICNet's head, as separate ATen ops: the exact integer zoom of Caffe's Interp (bilinear, align_corners,
+    output (h-1)*zoom+1), then the 1x1 classifier weight [C, K] (or [C, K, 1, 1]) with bias [C]. With labels,
+    the argmax over the classes as uint8 instead of the logits."""
+    h, w = features.shape[-2:]
+    up = F.interpolate(features, size=((h - 1) * zoom + 1, (w - 1) * zoom + 1), mode="bilinear",
+                       align_corners=True)
+    logits = F.conv2d(up, weight.reshape(weight.shape[0], -1, 1, 1), bias)
+    return logits.argmax(1).to(torch.uint8) if labels else logits

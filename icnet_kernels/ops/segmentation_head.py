@@ -1,0 +1,152 @@
+"""Segmentation head, `bilinear_zoom(conv1x1(features, weight) + bias, zoom)` with ICNet's exact integer zoom
+(align_corners, output (h-1)*zoom+1): everything of the op that lives in Python.
+
+- `segmentation_head` and `segmentation_head_labels`: the public functions (logits, or their argmax as
+  uint8 without the logits ever being written). They pick a backend: the Triton kernel wherever Triton
+  runs (a GPU, or the interpreter), else the reference. There is no C++ kernel.
+- `check_segmentation_head_args`: the checks, raising ValueError naming the argument. The Triton ops, their
+  fake kernels and the reference path run them.
+- `icnet::segmentation_head_triton` and `icnet::segmentation_head_labels_triton`: the Triton ops (the
+  kernel is in icnet_kernels/triton/segmentation_head.py), and their fake kernels.
+- Inference only: the logits op's backward raises an error that says so (train through
+  segmentation_head_reference's ATen ops); the labels are integers and have no gradient.
+"""
+
+import os
+
+import torch
+
+from icnet_kernels import reference
+from icnet_kernels.backends import choose_backend, triton_usable
+from icnet_kernels.cff_geometry import memory_format_of
+from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.cascade_feature_fusion import flat_weight_high
+
+INT32_MAX = 2**31 - 1
+MAX_ZOOM = 64  # the kernel unrolls its loop over a program's zoom output rows
+MAX_LABEL_CLASSES = 256  # labels are uint8
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_segmentation_head_args(features, weight, bias, zoom: int, labels: bool, kernel: bool = True) -> None:
+    """Raises ValueError naming the argument. kernel: the Triton kernel's dtypes only (float64 is the
+    reference's alone)."""
+    op = "segmentation_head_labels" if labels else "segmentation_head"
+    require(features.dim() == 4, f"{op}: features must be a 4-D tensor [N, K, h, w], got {features.dim()} dimensions")
+    require(features.is_floating_point(), f"{op}: features must be floating point, got {features.dtype}")
+    if kernel:
+        require(features.dtype in KERNEL_DTYPES,
+                f"{op}: features must be float32, float16 or bfloat16 for the Triton kernel, got {features.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        require(t.dtype == features.dtype, f"{op}: {name} must have features' dtype {features.dtype}, got {t.dtype}")
+        require(t.device == features.device,
+                f"{op}: {name} must be on features' device {features.device}, got {t.device}")
+    _, k, h, w = features.shape
+    require(k > 0, f"{op}: features need at least one channel")
+    require(h > 0 and w > 0, f"{op}: features must have a non-empty spatial size, got {h}x{w}")
+    require(weight.dim() == 2 and weight.shape[1] == k,
+            f"{op}: weight must be [C, {k}] (K = features' channels), got {list(weight.shape)}")
+    c = weight.shape[0]
+    require(c > 0, f"{op}: weight must have at least one class")
+    require(bias.dim() == 1 and bias.shape[0] == c, f"{op}: bias must be [{c}], got {list(bias.shape)}")
+    require(1 <= zoom <= MAX_ZOOM, f"{op}: zoom must be in [1, {MAX_ZOOM}], got {zoom}")
+    height, width = (h - 1) * zoom + 1, (w - 1) * zoom + 1
+    require(height * width <= INT32_MAX, f"{op}: the zoomed size {height}x{width} is too large")
+    if labels:
+        require(c <= MAX_LABEL_CLASSES,
+                f"{op}: labels are uint8, so weight may have at most {MAX_LABEL_CLASSES} classes, got {c}")
+
+
+def _tensor_argument(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def _backend(backend: str | None, features: torch.Tensor) -> str:
+    """Triton wherever it runs, else the reference; "native" names no kernel of this op."""
+    if backend is None:
+        backend = os.environ.get("ICNET_BACKEND") or None
+        if backend != "reference":
+            backend = "triton" if triton_usable(features.device) else "reference"
+    elif backend == "native":
+        raise ValueError("backend: the segmentation head has no native kernel; use 'triton', 'reference' or None")
+    return choose_backend(backend, features)
+
+
+def _run(features, weight, bias, zoom, labels: bool, backend):
+    features, weight, bias = (_tensor_argument(name, t) for name, t in
+                              (("features", features), ("weight", weight), ("bias", bias)))
+    zoom = exact_int("zoom", zoom)
+    weight = flat_weight_high(weight)
+    backend = _backend(backend, features)
+    if backend == "reference":
+        check_segmentation_head_args(features, weight, bias, zoom, labels, kernel=False)
+        return reference.segmentation_head_reference(features, weight, bias, zoom, labels)
+    op = torch.ops.icnet.segmentation_head_labels_triton if labels else torch.ops.icnet.segmentation_head_triton
+    return op(features, weight, bias, zoom)
+
+
+def segmentation_head(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zoom: int,
+                      backend: str | None = None) -> torch.Tensor:
+    """Logits of a 1x1 classifier zoomed by an integer factor, bilinear with align_corners:
+
+        bilinear_resize(conv1x1(features, weight) + bias, ((h-1)*zoom+1, (w-1)*zoom+1))
+
+    which equals classifying the zoomed features (both steps are linear). features [N, K, h, w]; weight
+    [C, K] or [C, K, 1, 1] and bias [C] in features' dtype. The logits have features' dtype and memory
+    format. backend: None (Triton where it runs, else the reference), "triton" or "reference".
+    """
+    return _run(features, weight, bias, zoom, False, backend)
+
+
+def segmentation_head_labels(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zoom: int,
+                             backend: str | None = None) -> torch.Tensor:
+    """segmentation_head(...).argmax(1) as uint8 [N, (h-1)*zoom+1, (w-1)*zoom+1], without writing the logits.
+    Ties go to the first class, and a NaN logit wins, as in torch.argmax. At most 256 classes."""
+    return _run(features, weight, bias, zoom, True, backend)
+
+
+def _run_triton(features, weight, bias, zoom, labels: bool) -> torch.Tensor:
+    from icnet_kernels.triton.segmentation_head import segmentation_head_triton
+    check_segmentation_head_args(features, weight, bias, zoom, labels)
+    return segmentation_head_triton(features, weight, bias, zoom, labels)
+
+
+@torch.library.custom_op("icnet::segmentation_head_triton", mutates_args=())
+def segmentation_head_triton_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                zoom: int) -> torch.Tensor:
+    return _run_triton(features, weight, bias, zoom, False)
+
+
+@torch.library.custom_op("icnet::segmentation_head_labels_triton", mutates_args=())
+def segmentation_head_labels_triton_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                       zoom: int) -> torch.Tensor:
+    return _run_triton(features, weight, bias, zoom, True)
+
+
+def _zoomed_size(features, zoom) -> tuple[int, int]:
+    h, w = features.shape[-2:]
+    return (h - 1) * zoom + 1, (w - 1) * zoom + 1
+
+
+@segmentation_head_triton_op.register_fake
+def segmentation_head_fake(features, weight, bias, zoom):
+    """Shape, dtype and layout of the logits, after the same checks as the kernel."""
+    check_segmentation_head_args(features, weight, bias, zoom, False)
+    return torch.empty((features.shape[0], weight.shape[0], *_zoomed_size(features, zoom)), dtype=features.dtype,
+                       device=features.device, memory_format=memory_format_of(features))
+
+
+@segmentation_head_labels_triton_op.register_fake
+def segmentation_head_labels_fake(features, weight, bias, zoom):
+    check_segmentation_head_args(features, weight, bias, zoom, True)
+    return torch.empty((features.shape[0], *_zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError("icnet::segmentation_head_triton is inference-only and has no backward; train through "
+                       "icnet_kernels.segmentation_head(..., backend='reference')")
+
+
+torch.library.register_autograd(segmentation_head_triton_op, _no_backward, setup_context=lambda ctx, inputs, output: None)
