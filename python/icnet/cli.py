@@ -30,7 +30,6 @@ def _number(convert, accept, expected):
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
-    parse.__name__ = expected
     return parse
 
 
@@ -179,8 +178,6 @@ def _train(args):
 
 def _evaluate(args):
     import json
-
-    import torch
 
     from icnet.checkpoint import load_checkpoint
     from icnet.data.datasets import make_dataset
