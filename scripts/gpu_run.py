@@ -1,0 +1,473 @@
+"""One GPU run that builds, tests, memchecks and measures the project in about 8 minutes, and bundles what
+it finds into at most 8 files.
+
+    python3 scripts/gpu_run.py --out DIR                  # the run: about 8 minutes on one H100/H200
+    python3 scripts/gpu_run.py --out DIR --plan batch16   # the optional second run: about 4 minutes
+    python3 scripts/gpu_run.py --out DIR --cpu            # the same driver on tiny shapes, no GPU (CI)
+
+Stages, in order, each under a time limit of its own (never past the run's budget, --budget-s), so a
+stage that runs out of time is stopped and the stages before it keep their results:
+  preflight  the device, driver, torch, Triton, cuDNN, compute-sanitizer and the Python packages present
+  build      the extension for sm_90 only, CUDA forced on (a build without its CUDA kernels fails)
+  tests      the GPU tests (every test whose name or id says cuda or gpu) in parallel (pytest-xdist),
+             each under pytest-timeout, the small "gpu" hypothesis profile, Triton autotuning off
+  memcheck   compute-sanitizer memcheck of icnet's own kernels over scripts/memcheck_cases.py
+  ops        op benchmarks of the goal cases (benchmarks.run --goal): eager, native CUDA and Triton
+  e2e        ICNet sub124, float16, channels_last, batch 1, runners in the goals' order with the reference's
+             torch.compile max-autotune last, a row written per runner; all the time the budget has left.
+             The second run first completes batch 1 where the first run on this machine was cut short,
+             then measures batch 16, into the same results file
+The torch.compile cache (benchmarks.compile_cache) comes from the working folder of an earlier run on this
+machine, else from benchmarks/results/, and is used only when it was made on this GPU model with this
+torch and Triton; the run returns it extended.
+
+The output folder receives, rewritten after every stage: summary.json (environment, each stage's status,
+seconds, limit and parsed results: test counts and failures, memcheck errors and cases, result rows),
+logs.tar.gz (every stage's full log, the tests' JUnit XML), ops-<gpu>.json and icnet-<gpu>.json (the
+benchmarks' results files; the second run's icnet file holds the first run's rows too when it ran on the same
+machine) and torch-compile-cache-<gpu>.zip.
+In CPU mode the build is skipped (the installed extension is used) and so is memcheck, each with its
+reason; the memcheck cases then run once each on the CPU kernels, and everything else runs on tiny shapes.
+Python packages the GPU machine lacks travel as wheels in .whl/ (see the README) and are installed first.
+"""
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (stage, the most seconds it may take); the run's budget caps each further.
+PLANS = {
+    "first": (("preflight", 30), ("build", 180), ("tests", 120), ("memcheck", 60), ("ops", 75), ("e2e", 480)),
+    "batch16": (("preflight", 30), ("build", 120), ("e2e", 480)),
+    "cpu": (("preflight", 30), ("build", 0), ("tests", 120), ("memcheck", 60), ("ops", 90), ("e2e", 120)),
+}
+BUDGET_S = {"first": 470, "batch16": 230, "cpu": 300}
+RESERVE_S = 8  # kept back from the budget for the last bundle
+MIN_STAGE_S = 10
+E2E_RUNNERS = ("reference-eager", "fused-eager", "fused-cuda-graph", "fused-triton-cuda-graph",
+               "reference-compile-max-autotune")
+# torch.compile of a single op autotunes for tens of seconds per case: the whole network's max-autotune, in
+# the e2e stage, is the comparison the goals name.
+OP_PROVIDERS = ("eager", "icnet-native", "icnet-triton")
+PREFLIGHT = r"""
+import importlib.util, json, shutil, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    info |= {"device": props.name, "capability": list(torch.cuda.get_device_capability(0)),
+             "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1)}
+else:
+    from benchmarks import report
+    info["device"] = report.device_name(torch.device("cpu"))
+info["packages"] = {name: importlib.util.find_spec(name) is not None
+                    for name in ("xdist", "pytest_timeout", "hypothesis", "cityscapesscripts", "matplotlib")}
+import icnet_kernels
+info["extension"] = {"native": icnet_kernels.native_available(), "cuda": icnet_kernels.native_cuda_available()}
+print(json.dumps(info))
+"""
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "pending"  # ok, failed, timeout, skipped
+    seconds: float = 0.0
+    limit_s: float = 0.0
+    returncode: int | None = None
+    command: list[str] = field(default_factory=list)
+    reason: str | None = None
+    results: dict = field(default_factory=dict)
+
+
+def slug(name: str) -> str:
+    """As benchmarks.report.slug, which the results files are named by."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_command(command: list[str], log: Path, limit_s: float, env: dict) -> tuple[str, int | None, float]:
+    """(status, return code, seconds) of command run under a time limit in a process group of its own, its
+    output appended to log; on the limit the whole group is stopped (TERM, then KILL)."""
+    start = time.monotonic()
+    with open(log, "ab") as out:
+        out.write(f"$ {' '.join(command)}\n".encode())
+        out.flush()
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=limit_s)
+            return ("ok" if code == 0 else "failed"), code, time.monotonic() - start
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(timeout=5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            out.write(f"\n== stopped at its time limit of {limit_s:.0f} s\n".encode())
+            return "timeout", None, time.monotonic() - start
+
+
+def parse_junit(path: Path) -> dict | None:
+    """Counts and the failing tests (with the first line of each message) of a JUnit XML file."""
+    if not path.exists():
+        return None
+    root = ElementTree.parse(path).getroot()
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures = []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        if outcome is None:
+            counts["passed"] += 1
+            continue
+        key = {"failure": "failed", "error": "errors", "skipped": "skipped"}[outcome.tag]
+        counts[key] += 1
+        if key != "skipped":
+            message = (outcome.get("message") or outcome.text or "").strip().splitlines()
+            failures.append({"test": name, "outcome": key, "message": message[0][:300] if message else ""})
+    return counts | {"failures": failures}
+
+
+_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b.*?(tests/\S+::\S+)|(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def parse_pytest_log(text: str) -> dict:
+    """What a verbose pytest log says about each test that finished: the stand-in for the JUnit file when
+    the stage was stopped before pytest could write it."""
+    outcomes = {}
+    for match in _OUTCOME.finditer(text):
+        outcome, test = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        outcomes[test] = outcome
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
+           "XFAIL": "skipped"}
+    for outcome in outcomes.values():
+        counts[key[outcome]] += 1
+    failures = [{"test": test, "outcome": key[outcome], "message": ""} for test, outcome in outcomes.items()
+                if key[outcome] in ("failed", "errors")]
+    return counts | {"failures": failures, "from": "log (the stage stopped before the JUnit file was written)"}
+
+
+def parse_memcheck(text: str) -> dict:
+    """compute-sanitizer's error count and the cases' verdicts from the memcheck log."""
+    summary = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    cases = re.findall(r"^(ok|FAIL) (\S+)", text, flags=re.MULTILINE)
+    return {"sanitizer_errors": int(summary[-1]) if summary else None,
+            "cases_run": len(cases), "cases_failed": [name for verdict, name in cases if verdict == "FAIL"]}
+
+
+def summarize_rows(path: Path) -> dict:
+    """The result rows of a benchmark's results file, cut to what says whether and how each one ran."""
+    if not path.exists():
+        return {"rows": 0}
+    rows = json.loads(path.read_text())["rows"]
+    keep = ("op", "variant", "shape", "mode", "batch", "dtype", "layout", "provider", "runner", "p50_ms",
+            "compile_s", "max_rel_err", "argmax_agreement", "speedup_vs_eager", "speedup_vs_reference_eager",
+            "epilogue_fallbacks", "error")
+    return {"rows": len(rows), "errors": sum("error" in row for row in rows),
+            "table": [{key: row[key] for key in keep if key in row} for row in rows]}
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cpu = args.cpu
+        self.plan = "cpu" if args.cpu else args.plan
+        self.out = args.out
+        self.work = args.work / self.plan
+        self.logs = self.work / "logs"
+        self.started = time.monotonic()
+        self.deadline = self.started + (args.budget_s or BUDGET_S[self.plan])
+        self.stages: list[Stage] = []
+        self.environment: dict = {}
+        self.notes: list[str] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "python"),
+                                                               self.env.get("PYTHONPATH")]))
+
+    # -- paths
+    @property
+    def device_slug(self) -> str:
+        return slug(self.environment.get("device", "unknown"))
+
+    def cache_file(self) -> Path:
+        return self.args.work / f"torch-compile-cache-{self.device_slug}.zip"
+
+    def results_dir(self, stage: str) -> Path:
+        """The e2e results live beside the plans' folders, so that the second run can extend the first's."""
+        return self.args.work / "e2e" if stage == "e2e" else self.work / stage
+
+    # -- the run
+    def run(self) -> int:
+        fresh = [self.work] + ([self.results_dir("e2e")] if self.plan != "batch16" else [])
+        for folder in fresh:
+            if folder.exists():
+                shutil.rmtree(folder)
+        self.logs.mkdir(parents=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._install_wheels()
+        for name, cap in PLANS[self.plan]:
+            stage = Stage(name)
+            self.stages.append(stage)
+            remaining = self.deadline - time.monotonic() - RESERVE_S
+            stage.limit_s = round(min(cap, remaining), 1)
+            skip = self._skip_reason(name)
+            if skip:
+                stage.status, stage.reason = "skipped", skip
+            elif stage.limit_s < MIN_STAGE_S:
+                stage.status, stage.reason = "skipped", f"the run's budget is spent ({remaining:.0f} s left)"
+            else:
+                getattr(self, f"stage_{name}")(stage)
+            print(f"== {name}: {stage.status} in {stage.seconds:.0f} s (limit {stage.limit_s:.0f} s)"
+                  + (f": {stage.reason}" if stage.reason else ""), file=sys.stderr, flush=True)
+            self.bundle()
+            if name == "build" and stage.status not in ("ok", "skipped"):
+                self.notes.append("the build failed: the stages after it need the extension and were not run")
+                break
+        self.bundle()
+        self._print_summary()
+        return 0 if all(stage.status in ("ok", "skipped") for stage in self.stages) else 1
+
+    def _skip_reason(self, name: str) -> str | None:
+        if self.cpu and name == "build":
+            return "CPU mode: the installed extension is used (the GPU run builds it for sm_90)"
+        if name == "preflight" or self.environment.get("cuda_available") or self.cpu:
+            return None
+        return "no GPU is visible to torch"
+
+    def _install_wheels(self) -> None:
+        wheels = sorted(glob.glob(str(REPO / ".whl" / "*.whl")))
+        if not wheels:
+            return
+        target = self.args.work / "site"
+        code = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                               "--no-compile", "--upgrade", "--target", str(target), *wheels],
+                              capture_output=True, text=True)
+        self.notes.append(f"installed {len(wheels)} carried wheels into {target}" if code.returncode == 0
+                          else f"installing the carried wheels failed: {code.stderr.strip()[-300:]}")
+        self.env["PYTHONPATH"] = os.pathsep.join([str(target), self.env["PYTHONPATH"]])
+
+    def _python(self, stage: Stage, args: list[str], env: dict | None = None, log_name: str | None = None) -> None:
+        stage.command = [sys.executable, *args]
+        log = self.logs / f"{log_name or stage.name}.log"
+        stage.status, stage.returncode, stage.seconds = run_command(stage.command, log, stage.limit_s,
+                                                                    env or self.env)
+        stage.seconds = round(stage.seconds, 1)
+
+    # -- stages
+    def stage_preflight(self, stage: Stage) -> None:
+        log = self.logs / "preflight.log"
+        if shutil.which("nvidia-smi"):
+            run_command(["nvidia-smi"], log, 15, self.env)
+            run_command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                         "--format=csv"], log, 15, self.env)
+        else:
+            stage.reason = "nvidia-smi not found"
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", PREFLIGHT], cwd=REPO, env=self.env, capture_output=True,
+                                text=True, timeout=stage.limit_s)
+        with open(log, "a") as out:
+            out.write(result.stdout + result.stderr)
+        stage.seconds = round(time.monotonic() - start, 1)
+        stage.returncode = result.returncode
+        if result.returncode != 0:
+            stage.status, stage.reason = "failed", (result.stderr.strip().splitlines() or ["?"])[-1]
+            return
+        self.environment = json.loads(result.stdout.strip().splitlines()[-1])
+        self.environment["compute_sanitizer"] = _sanitizer()
+        self.environment["git_commit"] = _git("rev-parse", "HEAD")
+        self.environment["uncommitted_files"] = len((_git("status", "--porcelain") or "").splitlines())
+        stage.status = "ok"
+        if not self.environment["packages"]["cityscapesscripts"]:
+            self.notes.append("cityscapesscripts is missing: the test modules that import it fail to collect "
+                              "(carry its wheels in .whl/, see the README)")
+
+    def stage_build(self, stage: Stage) -> None:
+        env = dict(self.env, TORCH_CUDA_ARCH_LIST="9.0", ICNET_WITH_CUDA="1", MAX_JOBS=str(os.cpu_count() or 8))
+        self._python(stage, ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
+                     env)
+
+    def stage_tests(self, stage: Stage) -> None:
+        junit = self.logs / "tests-junit.xml"
+        args = ["-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--junitxml", str(junit),
+                "-k", "cuda or gpu", "--ignore-glob", "tests/test_gpu_driver*", "tests"]
+        packages = self.environment.get("packages", {})
+        if packages.get("xdist"):
+            args[3:3] = ["-n", str(min(8, os.cpu_count() or 1))]
+        else:
+            self.notes.append("pytest-xdist is missing: the tests ran one at a time")
+        if packages.get("pytest_timeout"):
+            args[3:3] = ["--timeout", "120"]
+        else:
+            self.notes.append("pytest-timeout is missing: no per-test time limit")
+        env = dict(self.env, HYPOTHESIS_PROFILE="gpu", ICNET_TRITON_AUTOTUNE="0")
+        self._python(stage, args, env)
+        parsed = parse_junit(junit) or parse_pytest_log((self.logs / "tests.log").read_text(errors="replace"))
+        stage.results = parsed
+        # pytest exits 5 when nothing was collected, 1 when a test failed
+        if stage.status == "failed" and parsed["failed"] + parsed["errors"] == 0 and stage.returncode != 5:
+            stage.reason = f"pytest exited {stage.returncode}"
+
+    def stage_memcheck(self, stage: Stage) -> None:
+        sanitizer = self.environment.get("compute_sanitizer")
+        cases = [str(REPO / "scripts" / "memcheck_cases.py")]
+        if self.cpu or not sanitizer:
+            stage.reason = ("CPU mode: compute-sanitizer needs a GPU" if self.cpu else "compute-sanitizer not found")
+            stage.reason += "; the memcheck cases ran once each on the CPU kernels instead"
+            self._python(stage, [*cases, "--device", "cpu", "--smoke"])
+            stage.results = parse_memcheck((self.logs / "memcheck.log").read_text(errors="replace"))
+            stage.results["cases_status"] = stage.status
+            stage.status = "skipped" if stage.status == "ok" else stage.status
+            return
+        # Only icnet's own kernels are instrumented (their names hold the namespace); without the caching
+        # allocator every tensor is its own allocation, so an access past its end is caught.
+        stage.command = [sanitizer, "--tool", "memcheck", "--kernel-name", "kns=icnet", "--error-exitcode", "99",
+                         sys.executable, *cases, "--device", "cuda"]
+        env = dict(self.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+        stage.status, stage.returncode, seconds = run_command(stage.command, self.logs / "memcheck.log",
+                                                              stage.limit_s, env)
+        stage.seconds = round(seconds, 1)
+        stage.results = parse_memcheck((self.logs / "memcheck.log").read_text(errors="replace"))
+
+    def stage_ops(self, stage: Stage) -> None:
+        out = self.results_dir("ops")
+        args = ["-m", "benchmarks.run", "--goal", "--out", str(out), "--compile-cache", str(self.cache_file())]
+        if self.cpu:
+            args += ["--device", "cpu", "--quick", "--ops", "pyramid_pool_sum", "--providers", "eager", "icnet-native"]
+        else:
+            args += ["--device", "cuda", "--providers", *OP_PROVIDERS]
+        self._seed_cache()
+        self._python(stage, args)
+        stage.results = summarize_rows(_only(out, "ops-*.json"))
+
+    def stage_e2e(self, stage: Stage) -> None:
+        out = self.results_dir("e2e")
+        args = ["-m", "benchmarks.icnet_e2e", "--out", str(out), "--modes", "sub124",
+                "--compile-cache", str(self.cache_file())]
+        if self.cpu:
+            args += ["--device", "cpu", "--quick", "--batches", "1", "--dtypes", "float32", "--layouts", "nchw",
+                     "--input-size", "33", "65", "--runners", "reference-eager", "fused-eager"]
+        else:
+            batches = ["1"]
+            if self.plan == "batch16":
+                earlier = _only(out, "icnet-*.json").exists()
+                batches = ["1", "16"] if earlier else ["16"]
+                args.append("--resume")
+                self.notes.append("e2e: batch 1 completed where this machine's first run left off, then batch 16"
+                                  if earlier else "e2e: no first run on this machine: batch 16 only")
+            args += ["--device", "cuda", "--batches", *batches, "--dtypes", "float16", "--layouts", "channels_last",
+                     "--runners", *E2E_RUNNERS]
+        self._seed_cache()
+        self._python(stage, args)
+        stage.results = summarize_rows(_only(out, "icnet-*.json"))
+
+    def _seed_cache(self) -> None:
+        """The working folder's cache (an earlier run on this machine) or else the committed one."""
+        committed = REPO / "benchmarks" / "results" / self.cache_file().name
+        if not self.cache_file().exists() and committed.exists():
+            shutil.copy(committed, self.cache_file())
+
+    # -- the bundle
+    def bundle(self) -> None:
+        """Rewrites the output folder: at most 8 files, whatever stage the run is in."""
+        files = {}
+        for stage, pattern in (("ops", "ops-*.json"), ("e2e", "icnet-*.json")):
+            found = _only(self.results_dir(stage), pattern)
+            if found.exists():
+                files[found.name] = found
+        if self.cache_file().exists() and self.environment:
+            files[self.cache_file().name] = self.cache_file()
+        for name, source in files.items():
+            shutil.copy(source, self.out / name)
+        with tarfile.open(self.out / "logs.tar.gz.partial", "w:gz") as archive:
+            archive.add(self.logs, arcname="logs")
+        (self.out / "logs.tar.gz.partial").replace(self.out / "logs.tar.gz")
+        summary = {"plan": self.plan, "cpu_mode": self.cpu,
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "budget_s": round(self.deadline - self.started), "elapsed_s": round(time.monotonic() - self.started),
+                   "environment": self.environment, "stages": [vars(stage) for stage in self.stages],
+                   "notes": self.notes, "files": sorted([*files, "logs.tar.gz", "summary.json"])}
+        partial = self.out / "summary.json.partial"
+        partial.write_text(json.dumps(summary, indent=1) + "\n")
+        partial.replace(self.out / "summary.json")
+
+    def _print_summary(self) -> None:
+        for stage in self.stages:
+            results = stage.results
+            detail = ""
+            if stage.name == "tests" and results:
+                detail = (f"{results['passed']} passed, {results['failed']} failed, {results['errors']} errors, "
+                          f"{results['skipped']} skipped")
+            elif stage.name == "memcheck" and results:
+                detail = (f"sanitizer errors {results['sanitizer_errors']}, {results['cases_run']} cases, "
+                          f"{len(results['cases_failed'])} failed")
+            elif stage.name in ("ops", "e2e") and results:
+                detail = f"{results['rows']} rows, {results.get('errors', 0)} errors"
+            print(f"{stage.name:10} {stage.status:8} {stage.seconds:6.0f} s / {stage.limit_s:4.0f} s  {detail}")
+        for note in self.notes:
+            print(f"note: {note}")
+        print(f"bundle in {self.out}: {', '.join(sorted(path.name for path in self.out.iterdir()))}")
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    """The one file in folder matching pattern (the benchmarks name theirs for the device), else a path that
+    does not exist."""
+    found = sorted(folder.glob(pattern)) if folder.exists() else []
+    return found[0] if found else folder / pattern.replace("*", "none")
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer"))),
+                                                      None)
+    return found
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the bundle (at most 8 files)")
+    parser.add_argument("--plan", choices=("first", "batch16"), default="first")
+    parser.add_argument("--cpu", action="store_true", help="no GPU: tiny shapes, no build, no memcheck")
+    parser.add_argument("--budget-s", type=float, help="the whole run's seconds (default: the plan's)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/icnet-gpu-run"),
+                        help="working folder; kept between runs on the same machine (the compile cache)")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("torch") is None:
+        print("gpu_run: torch is not installed for this python", file=sys.stderr)
+        return 2
+    return Driver(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

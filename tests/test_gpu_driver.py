@@ -1,0 +1,151 @@
+"""The GPU run's driver (scripts/gpu_run.py): its CPU mode end to end, so that the GPU script cannot rot
+between GPU runs, and the pieces a GPU run relies on: stage time limits, the parsers of each stage's
+output, the compile cache's environment check, the op benchmark's goal cases."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import cascade_feature_fusion, compile_cache, pyramid_pool_sum, run
+from scripts.memcheck_cases import FUSION_CASES, PYRAMID_CASES
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gpu_run", REPO / "scripts" / "gpu_run.py")
+gpu_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_run)
+
+
+def _drive(tmp_path, *args, timeout=240):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_run.py"), "--cpu", "--out", str(out),
+                             "--work", str(tmp_path / "work"), *args], capture_output=True, text=True,
+                            timeout=timeout)
+    return result, out, json.loads((out / "summary.json").read_text())
+
+
+def test_cpu_mode_runs_every_stage_and_bundles_at_most_eight_files(tmp_path):
+    result, out, summary = _drive(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    files = sorted(path.name for path in out.iterdir())
+    assert len(files) <= 8 and all((out / name).stat().st_size < 16 * 2**20 for name in files)
+    assert sorted(summary["files"]) == files
+    stages = {stage["name"]: stage for stage in summary["stages"]}
+    assert list(stages) == ["preflight", "build", "tests", "memcheck", "ops", "e2e"]
+    assert stages["preflight"]["status"] == "ok" and summary["environment"]["torch"] == torch.__version__
+    for skipped in ("build", "memcheck"):
+        assert stages[skipped]["status"] == "skipped" and "CPU mode" in stages[skipped]["reason"]
+    tests = stages["tests"]["results"]
+    assert stages["tests"]["status"] == "ok" and tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0
+    memcheck = stages["memcheck"]["results"]
+    assert memcheck["cases_run"] == len(FUSION_CASES) + len(PYRAMID_CASES) and memcheck["cases_failed"] == []
+    assert stages["ops"]["status"] == "ok" and stages["ops"]["results"]["errors"] == 0
+    e2e = json.loads(next(out.glob("icnet-*.json")).read_text())
+    assert [row["runner"] for row in e2e["rows"]] == ["reference-eager", "fused-eager"]
+    assert all(row["p50_ms"] > 0 and row["compile_s"] > 0 and row["input"] == [1, 3, 33, 65] for row in e2e["rows"])
+    ops = json.loads(next(out.glob("ops-*.json")).read_text())
+    assert ops["meta"]["goal_cases_only"] and all("p50_ms" in row for row in ops["rows"])
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        logs = set(archive.getnames())
+    assert {f"logs/{stage}.log" for stage in ("preflight", "tests", "memcheck", "ops", "e2e")} <= logs
+
+
+def test_a_spent_budget_skips_the_remaining_stages_and_still_bundles(tmp_path):
+    result, out, summary = _drive(tmp_path, "--budget-s", "5")
+    assert result.returncode == 0  # skipped is not failed: the summary says why
+    statuses = {stage["name"]: (stage["status"], stage["reason"]) for stage in summary["stages"]}
+    for name in ("tests", "ops", "e2e"):
+        assert statuses[name][0] == "skipped" and "budget" in statuses[name][1], statuses
+    assert (out / "logs.tar.gz").exists()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan may wait for a reaper that containers lack)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_stage_over_its_limit_is_stopped_with_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    start = time.monotonic()
+    status, code, seconds = gpu_run.run_command([sys.executable, "-c", script], tmp_path / "log", 3, dict(os.environ))
+    assert (status, code) == ("timeout", None) and seconds < 15 and time.monotonic() - start < 15
+    time.sleep(0.5)
+    assert not _running(int(pid_file.read_text()))
+    assert "stopped at its time limit" in (tmp_path / "log").read_text()
+    assert gpu_run.run_command([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", 30,
+                               dict(os.environ))[:2] == ("failed", 3)
+
+
+def test_test_outcomes_come_from_junit_or_else_from_the_log(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="tests.a" name="ok"/>'
+                     '<testcase classname="tests.a" name="bad"><failure message="assert 1 == 2&#10;more"/></testcase>'
+                     '<testcase classname="tests.a" name="gone"><skipped message="needs a GPU"/></testcase>'
+                     '<testcase classname="tests.b" name="broke"><error message="boom"/></testcase>'
+                     '</testsuite></testsuites>')
+    parsed = gpu_run.parse_junit(junit)
+    assert {key: parsed[key] for key in ("passed", "failed", "errors", "skipped")} == {
+        "passed": 1, "failed": 1, "errors": 1, "skipped": 1}
+    assert parsed["failures"][0] == {"test": "tests.a::bad", "outcome": "failed", "message": "assert 1 == 2"}
+    assert gpu_run.parse_junit(tmp_path / "missing.xml") is None
+    log = ("[gw0] [ 50%] PASSED tests/test_x.py::test_a[cuda] \n"
+           "[gw1] [ 60%] FAILED tests/test_x.py::test_b[float16] \n"
+           "tests/test_y.py::test_c SKIPPED (needs a GPU)\n")
+    parsed = gpu_run.parse_pytest_log(log)
+    assert (parsed["passed"], parsed["failed"], parsed["skipped"]) == (1, 1, 1)
+    assert parsed["failures"] == [{"test": "tests/test_x.py::test_b[float16]", "outcome": "failed", "message": ""}]
+
+
+def test_memcheck_log_gives_the_sanitizer_errors_and_each_case():
+    log = ("========= COMPUTE-SANITIZER\nok cascade_feature_fusion/a/float32/strided max_abs_err=1e-06 (0.1 s)\n"
+           "FAIL pyramid_pool_sum/b/float16/contiguous RuntimeError: x (0.2 s)\n========= ERROR SUMMARY: 3 errors\n")
+    assert gpu_run.parse_memcheck(log) == {"sanitizer_errors": 3, "cases_run": 2,
+                                           "cases_failed": ["pyramid_pool_sum/b/float16/contiguous"]}
+    assert gpu_run.parse_memcheck("killed")["sanitizer_errors"] is None
+
+
+def test_compile_cache_is_loaded_only_in_the_environment_it_was_made_in(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    made, loaded = [b"first", b"second"], []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (made.pop(0), None) if made else None)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: loaded.append(blob) or "info")
+    path = tmp_path / "cache.zip"
+    assert compile_cache.load(path, cpu)["reason"].startswith("no cache file")
+    assert compile_cache.save(path, cpu)["sets"] == 1
+    assert compile_cache.save(path, cpu)["sets"] == 2
+    assert compile_cache.save(path, cpu)["sets"] == 2  # nothing new compiled
+    assert compile_cache.load(path, cpu) == {"file": "cache.zip", "loaded_sets": 2, "sets": 2,
+                                             "reason": "same environment"}
+    assert loaded == [b"first", b"second"]
+    monkeypatch.setattr(compile_cache, "environment", lambda device: {"device": "another GPU"})
+    record = compile_cache.load(path, cpu)
+    assert record["loaded_sets"] == 0 and record["reason"].startswith("made for")
+    with zipfile.ZipFile(path) as archive:
+        assert json.loads(archive.read("meta.json"))["torch"] == torch.__version__
+
+
+def test_goal_cases_are_float16_icnet_geometry_at_both_batches():
+    cuda = torch.device("cuda")
+    chosen = [case for module in (cascade_feature_fusion, pyramid_pool_sum) for case in module.cases(cuda, False)
+              if run.goal_case(case, cuda)]
+    assert {case.dtype for case in chosen} == {torch.float16}
+    cff = sorted((case.variant, case.shape[0]) for case in chosen if case.op == cascade_feature_fusion.NAME)
+    assert cff == [("sub12-shortcut", 1), ("sub12-shortcut", 16), ("sub24-shortcut", 1), ("sub24-shortcut", 16)]
+    ppm = [case for case in chosen if case.op == pyramid_pool_sum.NAME]
+    assert {case.shape[0] for case in ppm} == {1, 16} and {case.variant for case in ppm} == {"adaptive",
+                                                                                              "icnet-explicit"}
