@@ -7,7 +7,8 @@ Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, Batch
 random state_dict. Runners (RUNNERS, in this order unless --runners names others): eager, both builds; on a
 GPU CUDA-graph replay of the fused build with its default (native CUDA) and its Triton kernels, and for
 the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
-(max-autotune), and the reference's torch.compile max-autotune last. Each runner is built, checked,
+(max-autotune), and the reference's torch.compile max-autotune last; on a CPU ONNX Runtime and OpenVINO running
+the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
 timed and written to the results file before the next one starts (on the CPU, where runners are timed in
 alternating rounds, after the configuration's last runner), so a run cut short keeps what finished.
 Rows: compile_s (seconds from building the runner to its first output: compiling, autotuning and graph
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import compile_cache, layer_groups, network_cost, plot, report, roofline, timing
+from benchmarks import compile_cache, e2e_onnx, layer_groups, network_cost, plot, report, roofline, timing
 from benchmarks.case import dtype_name
 from icnet import ICNet
 from icnet.graphs import CudaGraphRunner
@@ -147,6 +148,9 @@ RUNNERS: dict[str, Runner] = {
     "reference-compile-max-autotune": Runner(lambda models: models["reference"], _compiled("max-autotune"),
                                              lambda config, device: _on_gpu(config, device) and _goal(config),
                                              compiles=True),
+    # the CPU peers, running the reference build's ONNX export (benchmarks.e2e_onnx); skipped when not installed
+    "onnxruntime": Runner(lambda models: models["reference"], e2e_onnx.onnxruntime_runner, e2e_onnx.runs_onnxruntime),
+    "openvino": Runner(lambda models: models["reference"], e2e_onnx.openvino_runner, e2e_onnx.runs_openvino),
 }
 
 
