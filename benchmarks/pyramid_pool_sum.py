@@ -8,17 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from icnet.model import PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_MAP, RELEASED_PPM_STRIDES
 from icnet_kernels import pyramid_pool_sum, pyramid_pool_sum_reference
 from icnet_kernels.reference import pyramid_bin_matrices
 
 NAME = "pyramid_pool_sum"
-BINS = (1, 2, 3, 6)
+BINS = PPM_BINS
 CHANNELS = 1024
 # ICNet at 1025x2049 reaches its pyramid pooling module at 1/32 scale: a 33x65 map, which the released
-# model pools with these explicit windows (they only fit that size).
-ICNET_MAP = (33, 65)
-ICNET_KERNEL_SIZES = ((33, 65), (17, 33), (13, 25), (8, 15))
-ICNET_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
+# model pools with explicit windows (they only fit that size).
+ICNET_MAP, ICNET_KERNEL_SIZES, ICNET_STRIDES = RELEASED_PPM_MAP, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
 # Twice ICNet's map side, in float16: the shape the kernels' bandwidth target is set on.
 BANDWIDTH_MAP = (65, 129)
 

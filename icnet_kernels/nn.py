@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from icnet_kernels.ops import Pair, cascade_feature_fusion, pyramid_pool_sum
+from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, fold_bias, fold_dtype,
+                                                      fold_scale, flat_weight_high)
 
 
 class PyramidPoolingSum(nn.Module):
@@ -33,13 +35,32 @@ class PyramidPoolingSum(nn.Module):
         return f"bins={self.bins}, {geometry}, align_corners={self.align_corners}"
 
 
+class InferenceCache:
+    """A value computed from some tensors (a module's parameters and buffers), kept between inference calls
+    and recomputed when any of them is replaced or changed in place (its data pointer or version moves).
+    With autograd recording or under torch.compile the value is always recomputed, so it stays in the graph."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, tensors, compute, *extra_key):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = (tuple((t.data_ptr(), t._version) for t in tensors if t is not None), extra_key)
+        if self._key != key:
+            self._value, self._key = compute(), key
+        return self._value
+
+
 class CascadeFeatureFusion(nn.Module):
     """ICNet's cascade feature fusion unit with ordinary Conv2d/BatchNorm2d parameters.
 
     relu(bn_low(conv_low(resize(low))) + bn_high(conv_high(high))), conv_low a 3x3 conv with the given
     dilation. When both BatchNorms use running statistics (eval mode, or frozen in training) they are folded
-    and the fused op runs; with live batch statistics the plain composition runs. forward(...,
-    return_upsampled=True) also returns resize(low) for the cascade-label-guidance classifier.
+    and the fused op runs; in inference the folded weights are kept until a parameter or statistic changes,
+    so a call dispatches the fused op alone. With live batch statistics the plain composition runs.
+    forward(..., return_upsampled=True) also returns resize(low) for the cascade-label-guidance classifier.
     """
 
     def __init__(self, low_channels: int, high_channels: int, out_channels: int, dilation: int = 2,
@@ -52,6 +73,16 @@ class CascadeFeatureFusion(nn.Module):
         self.dilation = dilation
         self.align_corners = align_corners
         self.backend = backend
+        self._folded = InferenceCache()
+
+    def _fold(self, dtype: torch.dtype):
+        """(weight_low, weight_high [Co, Ch], bias) with both BatchNorms folded in, in dtype."""
+        scale_low, shift_low = folded_batch_norm(self.bn_low)
+        scale_high, shift_high = folded_batch_norm(self.bn_high)
+        weight_low = fold_scale(self.conv_low.weight, scale_low).to(dtype)
+        weight_high = fold_scale(flat_weight_high(self.conv_high.weight), scale_high).to(dtype)
+        bias = fold_bias(weight_low.shape[0], shift_low, shift_high, self.conv_low.weight).to(dtype)
+        return weight_low, weight_high, bias
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, return_upsampled: bool = False):
         if batch_statistics(self.bn_low) or batch_statistics(self.bn_high):
@@ -59,11 +90,25 @@ class CascadeFeatureFusion(nn.Module):
                                            align_corners=self.align_corners)
             out = torch.relu(self.bn_low(self.conv_low(up)) + self.bn_high(self.conv_high(high)))
             return (out, up) if return_upsampled else out
-        scale_low, shift_low = folded_batch_norm(self.bn_low)
-        scale_high, shift_high = folded_batch_norm(self.bn_high)
-        return cascade_feature_fusion(low, high, self.conv_low.weight, self.conv_high.weight, scale_low, shift_low,
-                                      scale_high, shift_high, self.dilation, self.align_corners, return_upsampled,
-                                      self.backend)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            scale_low, shift_low = folded_batch_norm(self.bn_low)
+            scale_high, shift_high = folded_batch_norm(self.bn_high)
+            return cascade_feature_fusion(low, high, self.conv_low.weight, self.conv_high.weight, scale_low,
+                                          shift_low, scale_high, shift_high, self.dilation, self.align_corners,
+                                          return_upsampled, self.backend)
+        tensors = (self.conv_low.weight, self.conv_high.weight, *_batch_norm_tensors(self.bn_low),
+                   *_batch_norm_tensors(self.bn_high))
+        weight_low, weight_high, bias = self._folded.get(tensors, lambda: self._fold(low.dtype), low.dtype)
+        out = cascade_feature_fusion_folded(low, high, weight_low, weight_high, bias, self.dilation,
+                                            self.align_corners, self.backend)
+        if not return_upsampled:
+            return out
+        return out, nn.functional.interpolate(low, size=high.shape[-2:], mode="bilinear",
+                                              align_corners=self.align_corners)
+
+
+def _batch_norm_tensors(bn: nn.BatchNorm2d):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
 def batch_statistics(bn: nn.BatchNorm2d) -> bool:
@@ -72,11 +117,13 @@ def batch_statistics(bn: nn.BatchNorm2d) -> bool:
 
 
 def folded_batch_norm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with bn(x) == x * scale + shift per channel, from the running statistics."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    """(scale, shift) with bn(x) == x * scale + shift per channel, from the running statistics, computed in
+    float32 (float64 for a float64 BatchNorm) whatever dtype the BatchNorm is stored in."""
+    dtype = fold_dtype(bn.running_var.dtype)
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias
+        shift = shift + bn.bias.to(dtype)
     return scale, shift

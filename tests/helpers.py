@@ -1,6 +1,7 @@
 """Shared test helpers: which backends run here, memory layouts, and the error budget."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -56,3 +57,26 @@ def assert_within_budget(actual, exact, torch_same_precision, atol, what=""):
 
 
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+PATH_TALLY: Counter = Counter()
+
+
+def record_path(case: str, path: str) -> None:
+    """Counts a random example drawn for one kernel path; conftest prints the tally after the run, so the
+    share of examples each path got is in the test output."""
+    PATH_TALLY[case, path] += 1
+
+
+def op_cases(name: str, triton_name: str | None = None) -> list:
+    """(op name, device) for every implementation of an op that can run here: the C++ kernel on the CPU,
+    the Triton op (interpreted without a GPU), the CUDA kernel on a GPU."""
+    gpu_or_cpu = "cuda" if GPU else "cpu"
+    cases = []
+    if icnet_kernels.native_available():
+        cases.append(pytest.param(name, "cpu", id=f"{name}-cpu"))
+    triton_name = triton_name or f"{name}_triton"
+    cases.append(pytest.param(triton_name, gpu_or_cpu, id=f"{triton_name}-{gpu_or_cpu}"))
+    if GPU and icnet_kernels.native_cuda_available():
+        cases.append(pytest.param(name, "cuda", id=f"{name}-cuda"))
+    return cases

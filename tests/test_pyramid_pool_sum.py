@@ -7,11 +7,11 @@ from hypothesis import given, strategies as st
 
 import icnet_kernels
 from icnet_kernels import PyramidPoolingSum, pyramid_pool_sum, pyramid_pool_sum_reference
-from tests.helpers import ATOL, LAYOUTS, assert_within_budget, backend_cases, dtypes_for, in_layout
+from icnet_kernels.reference import pyramid_bin_matrices
+from icnet.model import PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
+from tests.helpers import ATOL, LAYOUTS, assert_within_budget, backend_cases, dtypes_for, in_layout, op_cases
 
-ICNET_BINS = (1, 2, 3, 6)
-ICNET_KERNELS = ((33, 65), (17, 33), (13, 25), (8, 15))  # the released model's pooling for its 33x65 map
-ICNET_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
+ICNET_BINS, ICNET_KERNELS, ICNET_STRIDES = PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
 
 
 def composed(x, bins, kernel_sizes=None, strides=None, align_corners=True):
@@ -133,18 +133,7 @@ def test_gradcheck_float64_native_cpu(geometry, align_corners):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def opcheck_cases():
-    cases = []
-    if icnet_kernels.native_available():
-        cases += [("pyramid_pool_sum", "cpu"), ("pyramid_pool_sum_backward", "cpu")]
-    cases += [("pyramid_pool_sum_triton", "cuda" if torch.cuda.is_available() else "cpu"),
-              ("pyramid_pool_sum_backward_triton", "cuda" if torch.cuda.is_available() else "cpu")]
-    if torch.cuda.is_available() and icnet_kernels.native_cuda_available():
-        cases += [("pyramid_pool_sum", "cuda"), ("pyramid_pool_sum_backward", "cuda")]
-    return cases
-
-
-@pytest.mark.parametrize("name,device", opcheck_cases())
+@pytest.mark.parametrize("name,device", op_cases("pyramid_pool_sum") + op_cases("pyramid_pool_sum_backward"))
 def test_opcheck(name, device):
     op = getattr(torch.ops.icnet, name)
     x = torch.randn(2, 3, 9, 11, device=device, requires_grad=True)
@@ -193,6 +182,12 @@ BAD_INPUTS = [
     (lambda: torch.randn(1, 2, 9, 9), {"bins": (1, 3), "kernel_sizes": [9, 3]}, "kernel_sizes and strides"),
     (lambda: torch.randn(1, 2, 9, 9), {"bins": (3,), "kernel_sizes": [4], "strides": [4]}, "must agree"),
     (lambda: torch.randn(1, 2, 9, 9), {"bins": (3,), "kernel_sizes": [12], "strides": [3]}, "kernel_sizes"),
+    (lambda: torch.randn(1, 2, 9, 9), {"bins": (1.5,)}, "bins"),
+    (lambda: torch.randn(1, 2, 9, 9), {"bins": (True, 2)}, "bins"),
+    (lambda: torch.randn(1, 2, 9, 9), {"bins": tuple(range(1, 10))}, "bins"),
+    (lambda: torch.randn(1, 2, 9, 9), {"bins": (3,), "kernel_sizes": [3.0], "strides": [3]}, "kernel_sizes"),
+    (lambda: torch.randn(1, 2, 9, 9), {"bins": 3}, "bins"),
+    (lambda: [[1.0]], {}, "x"),
 ]
 
 
@@ -215,12 +210,69 @@ DIRECT_BAD_INPUTS = [  # (x, bins, kernel_sizes, strides) as the schema takes th
     (lambda: torch.randn(1, 2, 9, 9), [1, 3], [9, 9, 3, 3], [9, 9], "strides"),
     (lambda: torch.randn(1, 2, 9, 9), [1, 3], [9, 9, 3, 3], [], "both"),
     (lambda: torch.randn(1, 2, 9, 9), [3], [4, 4], [4, 4], "must agree"),
+    (lambda: torch.randn(1, 2, 9, 9), [0], [], [], "bins"),
+    (lambda: torch.randn(1, 2, 9, 9), list(range(1, 10)), [], [], "bins"),
+    (lambda: torch.randn(1, 2, 9, 9), [3], [0, 3], [3, 3], "kernel_sizes"),
+    (lambda: torch.randn(1, 2, 9, 9), [3], [3, 3], [3, 0], "strides"),
 ]
 
 
-@pytest.mark.skipif(not icnet_kernels.native_available(), reason="_C not built")
+def raw_op_cases():
+    cases = []
+    for name in ("pyramid_pool_sum_triton", "pyramid_pool_sum_backward_triton"):
+        cases += [pytest.param(name, "cpu", id=name), pytest.param(name, "meta", id=f"{name}-fake")]
+    if icnet_kernels.native_available():
+        for name in ("pyramid_pool_sum", "pyramid_pool_sum_backward"):
+            cases += [pytest.param(name, "cpu", id=name), pytest.param(name, "meta", id=f"{name}-fake")]
+    return cases
+
+
+@pytest.mark.parametrize("name,device", raw_op_cases())
 @pytest.mark.parametrize("make,bins,kernel_sizes,strides,message", DIRECT_BAD_INPUTS)
-def test_op_called_directly_checks_its_arguments(make, bins, kernel_sizes, strides, message):
-    for op in (torch.ops.icnet.pyramid_pool_sum, torch.ops.icnet.pyramid_pool_sum_backward):
-        with pytest.raises(RuntimeError, match=message):
-            op(make(), bins, kernel_sizes, strides, True)
+def test_op_called_directly_checks_its_arguments(name, device, make, bins, kernel_sizes, strides, message):
+    """Every implementation, the fake kernels (meta tensors, what torch.compile traces) included, rejects the
+    same input with a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.ops.icnet, name)(make().to(device), bins, kernel_sizes, strides, True)
+
+
+@pytest.mark.parametrize("name,device", [c for c in raw_op_cases() if c.values[1] == "meta"])
+def test_fake_kernel_rejects_maps_too_large_for_32_bit_indices(name, device):
+    with pytest.raises(ValueError, match="too large"):
+        getattr(torch.ops.icnet, name)(torch.empty(1, 1, 2**16, 2**15 + 1, device="meta"), [1], [], [], True)
+
+
+def nonzero_weight_dependence(x_nonfinite: torch.Tensor, bins, align_corners) -> torch.Tensor:
+    """Outputs that depend on a marked input through a nonzero weight: the identity term, then per bin the
+    pooling windows and bilinear taps as 0/1 matrices."""
+    mask = x_nonfinite.double()
+    height, width = x_nonfinite.shape[-2:]
+    reached = mask.clone()
+    for pool_h, pool_w, interp_h, interp_w in pyramid_bin_matrices(height, width, bins, None, None, align_corners,
+                                                                  torch.float64):
+        pooled = torch.einsum("ih,nchw,jw->ncij", (pool_h != 0).double(), mask, (pool_w != 0).double())
+        reached = reached + torch.einsum("ih,ncij,jw->nchw", (interp_h != 0).double(), pooled, (interp_w != 0).double())
+    return reached > 0
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("bins", [(1, 2), (2, 3), (3,)], ids=str)
+def test_non_finite_input_contract(backend, device, value, bins):
+    """The README's contract: a non-finite input makes non-finite at least every output that depends on it
+    through a nonzero weight and at most its own channel plane; every other output is finite and exact. The
+    C++ and CUDA kernels skip zero weights, so for them the first set is exact; the reference and the Triton
+    kernel multiply dense matrices, where 0 x inf is NaN, and reach the whole plane."""
+    x = torch.randn(2, 3, 6, 7, device=device)
+    x[1, 2, 2, 3] = value
+    marked = ~x.isfinite()
+    out = pyramid_pool_sum(x, bins, backend=backend)
+    at_least = nonzero_weight_dependence(marked.cpu(), bins, True).to(device)
+    at_most = marked.any(dim=(2, 3), keepdim=True).expand_as(x)
+    assert (~out.isfinite())[at_least].all()
+    assert out.isfinite()[~at_most].all()
+    if backend == "native":
+        assert torch.equal(~out.isfinite(), at_least)
+    clean = torch.where(marked, torch.zeros_like(x), x)
+    expected = pyramid_pool_sum_reference(clean, bins)
+    torch.testing.assert_close(out[~at_most], expected[~at_most])

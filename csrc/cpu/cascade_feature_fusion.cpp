@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "common/cff_args.h"
-#include "common/cff_border.h"
+#include "cpu/cff_border.h"
 #include "common/resize.h"
 #include "cpu/winograd_conv3x3.h"
 
@@ -71,11 +71,25 @@ std::vector<T> to_buffer(const at::Tensor& t) {
   return std::vector<T>(c.const_data_ptr<T>(), c.const_data_ptr<T>() + c.numel());
 }
 
+// The 3x3 taps a dilated conv over an out_h x out_w map can reach. A side tap at offset +-d with d >= the
+// map's extent reads only zero padding, so it is dropped with its padding: the padded buffer then never
+// exceeds three times the map, whatever the dilation.
+struct DilatedTaps {
+  int64_t first_ky, rows, first_kx, cols;  // the kept kernel rows [first_ky, first_ky + rows), columns likewise
+  int64_t pad_y, pad_x;
+
+  DilatedTaps(int64_t out_h, int64_t out_w, int64_t d)
+      : first_ky(d < out_h ? 0 : 1), rows(d < out_h ? 3 : 1), first_kx(d < out_w ? 0 : 1), cols(d < out_w ? 3 : 1),
+        pad_y(d < out_h ? d : 0), pad_x(d < out_w ? d : 0) {}
+
+  at::Tensor weight(const at::Tensor& w) const { return w.narrow(2, first_ky, rows).narrow(3, first_kx, cols); }
+};
+
 // The rows of up(low) that one block of output rows reads, interpolated straight from low.
 template <typename scalar_t, typename T>
 struct UpsampledRows {
   View4d<scalar_t> src;
-  int64_t channels, out_h, out_w, dilation;
+  int64_t channels, out_h, out_w;
   AxisTaps<T> rows, cols;
 
   // One row of up(src) for channel c: blend the two source rows, then interpolate along x.
@@ -94,15 +108,16 @@ struct UpsampledRows {
     }
   }
 
-  // up(src) rows [y0 - d, y1 + d) as [1, Cl, y1 - y0 + 2d, W + 2d] in u, zero outside the map: exactly the
-  // input a padding-free dilated conv needs to produce output rows [y0, y1).
-  at::Tensor block(int64_t n, int64_t y0, int64_t y1, std::vector<T>& u, std::vector<T>& blended) const {
-    const int64_t d = dilation, pitch = out_w + 2 * d, urows = y1 - y0 + 2 * d;
+  // up(src) rows [y0 - pad_y, y1 + pad_y) as [1, Cl, y1 - y0 + 2 pad_y, W + 2 pad_x] in u, zero outside the
+  // map: exactly the input a padding-free dilated conv with the given taps needs for output rows [y0, y1).
+  at::Tensor block(int64_t n, int64_t y0, int64_t y1, const DilatedTaps& taps, std::vector<T>& u,
+                   std::vector<T>& blended) const {
+    const int64_t pitch = out_w + 2 * taps.pad_x, urows = y1 - y0 + 2 * taps.pad_y;
     u.assign(channels * urows * pitch, T(0));
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t r = 0; r < urows; ++r) {
-        const int64_t y = y0 - d + r;
-        if (y >= 0 && y < out_h) upsample_row(n, c, y, u.data() + (c * urows + r) * pitch + d, blended);
+        const int64_t y = y0 - taps.pad_y + r;
+        if (y >= 0 && y < out_h) upsample_row(n, c, y, u.data() + (c * urows + r) * pitch + taps.pad_x, blended);
       }
     return at::from_blob(u.data(), {1, channels, urows, pitch}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   }
@@ -135,14 +150,15 @@ template <typename scalar_t>
 at::Tensor cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
                            const at::Tensor& weight_high, const at::Tensor& bias, const CffShape& s) {
   using T = at::opmath_type<scalar_t>;
-  const at::Tensor w_low = as_opmath<T>(weight_low).contiguous();
+  const DilatedTaps taps(s.H, s.W, s.dilation);
+  const at::Tensor w_low = taps.weight(as_opmath<T>(weight_low)).contiguous();
   at::Tensor proj, out;
   std::tie(proj, out) = projection_and_output<scalar_t>(high, weight_high, s);
   const View4d<T> pr(proj);
   const std::vector<T> b = to_buffer<T>(bias);
   scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
   const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
-  const UpsampledRows<scalar_t, T> up{View4d<scalar_t>(low), s.Cl, s.H, s.W, s.dilation,
+  const UpsampledRows<scalar_t, T> up{View4d<scalar_t>(low), s.Cl, s.H, s.W,
                                       AxisTaps<T>(s.h, s.H, s.align_corners), AxisTaps<T>(s.w, s.W, s.align_corners)};
   const int64_t R = rows_per_block(s.H, s.W, s.N);
   const int64_t blocks = (s.H + R - 1) / R;
@@ -150,8 +166,9 @@ at::Tensor cff_general_cpu(const at::Tensor& low, const at::Tensor& high, const 
     std::vector<T> u, blended;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, y0 = (task % blocks) * R, y1 = std::min(s.H, y0 + R);
-      const at::Tensor conv = at::conv2d(up.block(n, y0, y1, u, blended), w_low, std::nullopt, at::IntArrayRef{1, 1},
-                                         at::IntArrayRef{0, 0}, at::IntArrayRef{s.dilation, s.dilation})
+      const at::Tensor conv = at::conv2d(up.block(n, y0, y1, taps, u, blended), w_low, std::nullopt,
+                                         at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0},
+                                         at::IntArrayRef{taps.rows == 3 ? s.dilation : 1, taps.cols == 3 ? s.dilation : 1})
                                   .contiguous();  // [1, Co, R, W]
       const T* acc = conv.const_data_ptr<T>();
       for (int64_t co = 0; co < s.Co; ++co)

@@ -4,7 +4,7 @@
 // 3x3 conv of low at low resolution and the 1x1 projection of high are cuDNN convolutions (tensor cores,
 // float32 accumulation), and one kernel writes, per output element, the bilinear 2x gather of the
 // low-resolution conv plus the projection and bias, adds the closed-form border corrections
-// (common/cff_border.h) on the border rows and columns, and applies ReLU: three launches in all. This is
+// (cpu/cff_border.h) on the border rows and columns, and applies ReLU: three launches in all. This is
 // the CPU kernel's arithmetic (cpu/cascade_feature_fusion.cpp) with cuDNN in oneDNN's place. float32 and
 // float64 keep the implicit-GEMM kernel (cascade_feature_fusion.cu), whose arithmetic is exact float32
 // where cuDNN may use TF32.
@@ -30,7 +30,7 @@ struct EpilogueShape {
   bool channels_last;  // the output's layout, which the element index follows so that stores coalesce
 };
 
-// The shortcut's border corrections (common/cff_border.h) for one output element, computed where they
+// The shortcut's border corrections (cpu/cff_border.h) for one output element, computed where they
 // are needed: 2-5% of the elements of ICNet's maps, each one or two sums of 3 * Cl products, cheaper
 // than launching the dozen small ops of the ATen form. low_n: batch item n of low; w_co: weight[co]
 // ([Cl, 3, 3], contiguous).

@@ -11,14 +11,14 @@ the 3x3 conv at low resolution; the full-resolution pass (projection GEMM plus a
 conv, bias and ReLU) for all pixels but the border rows/columns; and the direct conv for those.
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
+from icnet_kernels.cff_geometry import border_count, exact_shortcut, output_memory_format
+from icnet_kernels.triton.weight_layout import laid_out
 
 
 # Tiles for float16/bfloat16 (tensor cores) and for float32. float32 runs the dot at full precision
@@ -63,16 +63,32 @@ def _source_index(dst, in_size, scale, ALIGN: tl.constexpr):
 
 # Tuned per channel counts and pass (the dtype joins the key by itself); sizes and row/batch strides are not
 # specialised on, so a new image size reuses the compiled kernels.
-@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "USE_PIXEL_LIST"],
+@triton.jit
+def _border_pixel(p, H, W):
+    """(y, x) of the p-th border pixel of the shortcut: cff_border_pixel of csrc/common/cff_geometry.h, the
+    rows 1 and H-2 first, then columns 1 and W-2 of every other row."""
+    rows = tl.where(H - 2 != 1, 2, 1)
+    cols = tl.where(W - 2 != 1, 2, 1)
+    in_rows = p < rows * W
+    q = p - rows * W
+    y_other = q // cols
+    y_other = tl.where(y_other >= 1, y_other + 1, y_other)
+    y_other = tl.where((rows == 2) & (y_other >= H - 2), y_other + 1, y_other)
+    y = tl.where(in_rows, tl.where(p // W == 0, 1, H - 2), y_other)
+    x = tl.where(in_rows, p % W, tl.where(q % cols == 0, 1, W - 2))
+    return y, x
+
+
+@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "BORDER_ONLY"],
                  prune_configs_by={"early_config_prune": _tiles_for_dtype})
 @triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation", "s_ln", "s_ly", "s_hn", "s_hy",
                                "s_gn", "s_gy", "s_on", "s_oy"])
 def _cascade_feature_fusion_fwd_kernel(
-    low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, pixel_ptr, out_ptr,
+    low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, out_ptr,
     Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,
     s_ln, s_lc, s_ly, s_lx, s_hn, s_hc, s_hy, s_hx, s_gn, s_gc, s_gy, s_gx, s_on, s_oc, s_oy, s_ox,
     ALIGN: tl.constexpr, RESIZE: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr, ADD_GATHER: tl.constexpr,
-    USE_PIXEL_LIST: tl.constexpr, SKIP_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
+    BORDER_ONLY: tl.constexpr, SKIP_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -80,12 +96,11 @@ def _cascade_feature_fusion_fwd_kernel(
     n = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_pixels
-    if USE_PIXEL_LIST:
-        pixel = tl.load(pixel_ptr + offs_m, mask=m_ok, other=0)
+    if BORDER_ONLY:
+        y, x = _border_pixel(offs_m, H, W)
     else:
-        pixel = offs_m
-    y = pixel // W
-    x = pixel % W
+        y = offs_m // W
+        x = offs_m % W
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Co
     dot_dtype = low_ptr.dtype.element_ty
@@ -154,15 +169,6 @@ def _cascade_feature_fusion_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@functools.lru_cache(maxsize=32)
-def _border_pixels(height, width, device):
-    """Flat indices y*W+x of the pixels the shortcut cannot produce (rows 1, H-2; columns 1, W-2)."""
-    y = torch.arange(height, device=device)[:, None]
-    x = torch.arange(width, device=device)[None, :]
-    border = (y == 1) | (y == height - 2) | (x == 1) | (x == width - 2)
-    return torch.nonzero(border.flatten()).flatten().to(torch.int32)
-
-
 def _scale(in_size, out_size, align_corners):
     """resize_scale of csrc/common/resize.h."""
     if align_corners:
@@ -170,27 +176,33 @@ def _scale(in_size, out_size, align_corners):
     return in_size / out_size
 
 
-def _launch(low, high, w_low, w_high, bias, gather, pixels, out, *, resize_to, dilation, align_corners,
-            taps, proj, add_gather, skip_border, epilogue):
+def _launch(low, high, w_low, w_high, bias, gather, out, *, resize_to, dilation, align_corners,
+            taps, proj, add_gather, border_only, skip_border, epilogue):
     n, co, height, width = out.shape
     cl, h, w = low.shape[1:]
-    num_pixels = pixels.numel() if pixels is not None else height * width
+    num_pixels = border_count(height, width) if border_only else height * width
     dummy = out  # stands in for absent operands; never read
     grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]), n)  # noqa: E731
     ch = high.shape[1] if high is not None else 0
     _cascade_feature_fusion_fwd_kernel[grid](
         low, high if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
         bias if bias is not None else dummy, gather if gather is not None else dummy,
-        pixels if pixels is not None else dummy, out,
+        out,
         cl, h, w, ch, height, width, co, num_pixels, dilation,
         _scale(h, resize_to[0], align_corners), _scale(w, resize_to[1], align_corners),
         _scale(h, height, True), _scale(w, width, True),
         *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
         *(gather.stride() if gather is not None else (0, 0, 0, 0)), *out.stride(),
         ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj, ADD_GATHER=add_gather,
-        USE_PIXEL_LIST=pixels is not None, SKIP_BORDER=skip_border, EPILOGUE=epilogue,
+        BORDER_ONLY=border_only, SKIP_BORDER=skip_border, EPILOGUE=epilogue,
         PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
     )
+
+
+def _taps_by_out_channels(weight_low: torch.Tensor) -> torch.Tensor:
+    """[Co, Cl, 3, 3] as the GEMM's [9 * Cl, Co], tap-major."""
+    co, cl = weight_low.shape[:2]
+    return weight_low.permute(2, 3, 1, 0).reshape(9 * cl, co).contiguous()
 
 
 def cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dilation: int, align_corners: bool):
@@ -202,18 +214,20 @@ def cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dila
                       memory_format=output_memory_format(high))
     if out.numel() == 0:
         return out
-    w_low = weight_low.permute(2, 3, 1, 0).reshape(9 * cl, co).contiguous()  # [tap, Cl] x Co, tap-major
-    w_high = weight_high.t().contiguous()                                       # Ch x Co
+    w_low = laid_out(weight_low, "taps_by_out_channels", _taps_by_out_channels)
+    w_high = laid_out(weight_high, "transposed", lambda t: t.t().contiguous())  # Ch x Co
     if not exact_shortcut(h, w, height, width, dilation, align_corners):
-        _launch(low, high, w_low, w_high, bias, None, None, out, resize_to=(height, width), dilation=dilation,
-                align_corners=align_corners, taps=True, proj=True, add_gather=False, skip_border=False, epilogue=True)
+        _launch(low, high, w_low, w_high, bias, None, out, resize_to=(height, width), dilation=dilation,
+                align_corners=align_corners, taps=True, proj=True, add_gather=False, border_only=False,
+                skip_border=False, epilogue=True)
         return out
     conv_low = torch.empty((n, co, h, w), dtype=torch.float32, device=low.device)
-    _launch(low, None, w_low, None, None, None, None, conv_low, resize_to=(h, w), dilation=1, align_corners=True,
-            taps=True, proj=False, add_gather=False, skip_border=False, epilogue=False)
-    _launch(low, high, w_low, w_high, bias, conv_low, None, out, resize_to=(height, width), dilation=dilation,
-            align_corners=True, taps=False, proj=True, add_gather=True, skip_border=True, epilogue=True)
-    _launch(low, high, w_low, w_high, bias, None, _border_pixels(height, width, low.device), out,
-            resize_to=(height, width), dilation=dilation, align_corners=True, taps=True, proj=True,
-            add_gather=False, skip_border=False, epilogue=True)
+    _launch(low, None, w_low, None, None, None, conv_low, resize_to=(h, w), dilation=1, align_corners=True,
+            taps=True, proj=False, add_gather=False, border_only=False, skip_border=False, epilogue=False)
+    _launch(low, high, w_low, w_high, bias, conv_low, out, resize_to=(height, width), dilation=dilation,
+            align_corners=True, taps=False, proj=True, add_gather=True, border_only=False, skip_border=True,
+            epilogue=True)
+    _launch(low, high, w_low, w_high, bias, None, out, resize_to=(height, width), dilation=dilation,
+            align_corners=True, taps=True, proj=True, add_gather=False, border_only=True, skip_border=False,
+            epilogue=True)
     return out

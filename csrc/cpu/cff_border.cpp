@@ -1,4 +1,4 @@
-#include "common/cff_border.h"
+#include "cpu/cff_border.h"
 
 #include <ATen/ops/matmul.h>
 #include <ATen/record_function.h>

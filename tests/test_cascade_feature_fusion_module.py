@@ -1,0 +1,126 @@
+"""The CascadeFeatureFusion module (fused in inference, plain composition with live BatchNorm statistics),
+torch.compile through the op, and opcheck of every implementation of the op."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import icnet_kernels
+from icnet_kernels import CascadeFeatureFusion
+from tests.cascade_feature_fusion_cases import (
+    MODULE_CASES, Geometry, composition, gradient_atol, make_inputs, random_module)
+from tests.helpers import ATOL, assert_within_budget, backend_cases, in_layout, op_cases
+
+
+@pytest.mark.parametrize("name,device", op_cases("cascade_feature_fusion"))
+@pytest.mark.parametrize("g", [Geometry(2, 3, 2, 4, 3, 4, 5, 7, 2, True), Geometry(1, 2, 3, 3, 3, 3, 6, 5, 1, False)],
+                         ids=["shortcut", "general"])
+def test_opcheck(name, device, g):
+    op = getattr(torch.ops.icnet, name)
+    inputs = make_inputs(g, device=device, seed=9)
+    folded = (inputs["weight_low"], inputs["weight_high"], inputs["shift_low"] + inputs["shift_high"])
+    for layout in ("contiguous", "channels_last"):
+        low, high = in_layout(inputs["low"], layout), in_layout(inputs["high"], layout)
+        args = [t.detach().clone().requires_grad_() for t in (low, high, *folded)]
+        torch.library.opcheck(op, (*args, g.dilation, g.align_corners))
+        torch.library.opcheck(op, (low, high, *folded, g.dilation, g.align_corners))
+
+
+def test_torch_compile_fullgraph():
+    class Fusion(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.reduce = torch.nn.Conv2d(6, 4, 1)
+            self.cff = random_module(4, 3, 8, seed=1)
+
+        def forward(self, low, high):
+            return self.cff(self.reduce(low), high) * 2
+
+    model = Fusion().eval()
+    low, high = torch.randn(2, 6, 5, 9), torch.randn(2, 3, 9, 17)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(low, high), model(low, high))
+        general = torch.randn(2, 3, 10, 12)
+        torch.testing.assert_close(compiled(low, general), model(low, general))
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The calls CascadeFeatureFusion makes to the fused op (folding per call, or on its kept folded weights)."""
+    calls = []
+    for name in ("cascade_feature_fusion", "cascade_feature_fusion_folded"):
+        def spy(*args, _function=getattr(icnet_kernels.nn, name), **kwargs):
+            calls.append(args)
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(icnet_kernels.nn, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dilation,align_corners", MODULE_CASES)
+def test_module_eval_matches_composition(backend, device, dilation, align_corners, fused_calls):
+    module = random_module(5, 3, 6, dilation, align_corners, backend, seed=2).to(device).eval()
+    low, high = torch.randn(2, 5, 4, 6, device=device), torch.randn(2, 3, 7, 11, device=device)
+    with torch.no_grad():
+        out = module(low, high)
+        assert len(fused_calls) == 1, "eval mode must take the fused op"
+        exact = composition(copy.deepcopy(module).double(), low.double(), high.double())
+        assert_within_budget(out, exact, composition(module, low, high), ATOL[torch.float32], "eval module")
+        out2, up = module(low, high, return_upsampled=True)
+    assert torch.equal(out2, out)
+    assert torch.equal(up, F.interpolate(low, size=(7, 11), mode="bilinear", align_corners=align_corners))
+
+
+@pytest.mark.parametrize("dilation,align_corners", MODULE_CASES)
+def test_module_training_uses_batch_statistics(dilation, align_corners, fused_calls):
+    module = random_module(5, 3, 6, dilation, align_corners, seed=3).train()
+    twin = copy.deepcopy(module)
+    low, high = torch.randn(2, 5, 4, 6), torch.randn(2, 3, 7, 11)
+    out, up = module(low, high, return_upsampled=True)
+    assert not fused_calls, "live batch statistics cannot be folded"
+    torch.testing.assert_close(out, composition(twin, low, high), rtol=0, atol=0)
+    assert torch.equal(up, F.interpolate(low, size=(7, 11), mode="bilinear", align_corners=align_corners))
+    for key, value in module.state_dict().items():  # running statistics moved exactly as the composition's did
+        torch.testing.assert_close(value, twin.state_dict()[key], rtol=0, atol=0, msg=key)
+    assert module.bn_low.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dilation,align_corners", MODULE_CASES)
+def test_module_frozen_batch_norm_is_fused_and_differentiable(backend, device, dilation, align_corners, fused_calls):
+    module = random_module(5, 3, 6, dilation, align_corners, backend, seed=4).to(device).train()
+    module.bn_low.eval()
+    module.bn_high.eval()
+    low, high = torch.randn(2, 5, 4, 6, device=device), torch.randn(2, 3, 7, 11, device=device)
+    grad_out = torch.randn(2, 6, 7, 11, device=device)
+    exact_module = copy.deepcopy(module).double()
+    same_module = copy.deepcopy(module)
+    running = [t.clone() for t in (module.bn_low.running_mean, module.bn_low.running_var)]
+
+    module(low, high).backward(grad_out)
+    assert len(fused_calls) == 1, "frozen BatchNorm must take the fused op"
+    assert torch.equal(module.bn_low.running_mean, running[0]) and torch.equal(module.bn_low.running_var, running[1])
+    composition(exact_module, low.double(), high.double()).backward(grad_out.double())
+    composition(same_module, low, high).backward(grad_out)
+    exact, same = dict(exact_module.named_parameters()), dict(same_module.named_parameters())
+    for name, p in module.named_parameters():
+        assert p.grad is not None, name
+        assert_within_budget(p.grad, exact[name].grad, same[name].grad,
+                             gradient_atol(exact[name].grad, torch.float32), f"grad {name}")
+
+
+def test_module_state_dict_matches_plain_layers():
+    module = CascadeFeatureFusion(4, 3, 8)
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    assert set(module.state_dict()) == {"conv_low.weight", "conv_high.weight", *(f"bn_low.{k}" for k in bn),
+                                        *(f"bn_high.{k}" for k in bn)}
+    assert module.conv_low.weight.shape == (8, 4, 3, 3) and module.conv_high.weight.shape == (8, 3, 1, 1)
+    assert module.conv_low.dilation == (2, 2) and module.conv_low.padding == (2, 2)
+    assert module.conv_low.bias is None and module.conv_high.bias is None
+
+
