@@ -240,7 +240,8 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
             row = config.describe() | {"runner": name}
             log.info("icnet %s %s batch %d %s: %s", config.mode, row["dtype"], config.batch, row["layout"], name)
             try:
-                model = runner.prepare(models)
+                with torch.inference_mode(False):  # a copied model's tensors must keep their version counters
+                    model = runner.prepare(models)
                 fn, row["compile_s"], row["argmax_agreement"], peak = build_and_check(runner, model, x, expected)
                 if peak is not None:
                     row["peak_memory_mb"] = peak

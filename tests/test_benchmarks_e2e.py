@@ -286,6 +286,15 @@ def test_a_failing_runner_gets_a_row_and_the_next_runner_still_runs(monkeypatch)
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_a_copied_model_is_prepared_outside_inference_mode(monkeypatch):
+    """A copy made in inference mode would hold inference tensors, which have no version counters for the
+    fused build's caches to check (the Triton runner copies the fused build)."""
+    rows = _tiny_run(monkeypatch, {"fused-eager": icnet_e2e.Runner(
+        lambda models: icnet_e2e.with_backend(models["fused"], "reference"))})
+    assert "error" not in rows[0] and rows[0]["p50_ms"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_killed_runner_leaves_the_rows_written_before_it(monkeypatch):
     """On the CPU the runners are timed together once all are built: a kill while building leaves only the
     error rows written before it; on a GPU each runner's row is written before the next one starts."""

@@ -28,7 +28,8 @@ class CudaGraphRunner:
         if example.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.model, self.warmup, self.recapture = model, warmup, recapture
-        self.static_input = example.clone()
+        with torch.inference_mode(False):  # a normal tensor, which calls inside or outside inference mode can fill
+            self.static_input = example.clone()
         self.captures = 0
         self._capture()
 
