@@ -5,6 +5,7 @@ shared trunk on the half-resolution image, a 1/32 branch with summed pyramid poo
 three-conv branch, two cascade feature fusion units and a classifier.
 """
 
+from icnet.api import load
 from icnet.model import ICNet, icnet_cityscapes
 
-__all__ = ["ICNet", "icnet_cityscapes"]
+__all__ = ["ICNet", "icnet_cityscapes", "load"]

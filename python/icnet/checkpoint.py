@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from icnet.model import MODES, ICNet
+from icnet.preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 
 FORMAT = "icnet-checkpoint/1"
 CONFIG_KEYS = ("num_classes", "width", "mode", "channels")  # ICNet's arguments; channels is optional
@@ -17,11 +18,13 @@ class CheckpointError(ValueError):
     """A file that is not an ICNet checkpoint, or one that does not fit the model it is loaded into."""
 
 
-def save_checkpoint(path, model: ICNet, class_names=None, training_state: dict | None = None) -> None:
+def save_checkpoint(path, model: ICNet, class_names=None, training_state: dict | None = None,
+                    preprocessing: Preprocessing | None = None) -> None:
     payload = {
         "format": FORMAT,
         "config": model_config(model),
         "class_names": list(class_names) if class_names is not None else None,
+        "preprocessing": (preprocessing or DEFAULT_PREPROCESSING).to_dict(),
         "state_dict": model.state_dict(),
         "training_state": training_state,
     }
@@ -85,6 +88,18 @@ def _check_contents(payload: dict, path) -> None:
             raise CheckpointError(f"{path} has class_names that are not a list of strings")
         if len(names) != config["num_classes"]:
             raise CheckpointError(f"{path} names {len(names)} classes for a model of {config['num_classes']} classes")
+
+
+def preprocessing_of(payload: dict, path="checkpoint") -> Preprocessing:
+    """The input preprocessing a checkpoint's model expects; checkpoints that predate the record used the
+    default (the released model's)."""
+    record = payload.get("preprocessing")
+    if record is None:
+        return DEFAULT_PREPROCESSING
+    try:
+        return Preprocessing.from_dict(record)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} records an invalid preprocessing: {error}") from None
 
 
 def load_checkpoint(path, fused: bool = True, mode: str | None = None) -> tuple[ICNet, dict]:

@@ -1,4 +1,4 @@
-"""The icnet command line: segment, train, evaluate, prune, export."""
+"""The icnet command line: segment, train, evaluate, prune, export, convert."""
 
 import argparse
 import math
@@ -44,6 +44,13 @@ def _out_folder(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
     return text
+
+
+def _segment_out(text: str) -> str:
+    """segment's --out: a folder, or the video file to write for one video."""
+    from icnet.video import is_video
+
+    return text if is_video(text) and not Path(text).is_dir() else _out_folder(text)
 
 
 def _new_file(text: str) -> str:
@@ -105,9 +112,24 @@ def _check_dataset_arguments(args) -> None:
 
 def _segment(args):
     from icnet.segment import segment  # imported here so that --help does not load torch
+    from icnet.video import is_video, segment_videos
 
+    videos = [path for path in args.inputs if is_video(path)]
+    if videos and len(videos) < len(args.inputs):
+        raise ValueError("segment either videos or images in one run, not both")
+    if videos:
+        segment_videos(videos, args.out, args.weights, args.mode, args.device, args.dtype, args.batch_size,
+                       args.channels_last, args.video_output)
+        return
     segment(args.inputs, args.out, args.weights, args.mode, args.device, args.dtype, args.batch_size,
             args.channels_last)
+
+
+def _convert(args):
+    from icnet.convert import convert  # imported here so that --help does not load torch
+
+    print(convert(args.caffemodel, args.out, args.ignore_extra_layers).summary(args.verbose))
+    print(f"wrote {args.out}")
 
 
 def _export(args):
@@ -179,9 +201,10 @@ def _train(args):
 def _evaluate(args):
     import json
 
-    from icnet.checkpoint import load_checkpoint
+    from icnet.checkpoint import load_checkpoint, preprocessing_of
     from icnet.data.datasets import make_dataset
     from icnet.evaluate import evaluate, format_report, report_dict
+    from icnet.preprocessing import Preprocessed
     from icnet.segment import best_device, parse_device
 
     _check_dataset_arguments(args)
@@ -190,6 +213,7 @@ def _evaluate(args):
     synthetic_count = args.synthetic_train if args.split == "train" else args.synthetic_val
     dataset = make_dataset(args.dataset, args.split, args.root, args.binary, synthetic_count, args.synthetic_size,
                            model.num_classes)
+    dataset = Preprocessed(dataset, preprocessing_of(payload, args.weights))  # what the checkpoint's model expects
     model = model.to(device).eval()
     matrix = evaluate(model, dataset, device=device, flip=args.flip, scales=args.scales,
                       num_classes=model.num_classes, progress=args.progress)
@@ -248,15 +272,18 @@ def parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", help="segment images: class maps (trainIds) and colour overlays",
                               epilog=EXAMPLES["segment"])
-    seg.add_argument("inputs", nargs="+", help="image files or folders")
+    seg.add_argument("inputs", nargs="+", help="image files or folders, or video files (.mp4, .mov, .mkv, ...)")
     seg.add_argument("--weights", help="checkpoint (without it the model is untrained)")
-    seg.add_argument("--out", required=True, type=_out_folder, help="output folder")
+    seg.add_argument("--out", required=True, type=_segment_out,
+                     help="output folder; for one video, also the video file to write")
     seg.add_argument("--mode", choices=MODES, default="sub124", help="the branch whose output is used")
     seg.add_argument("--device", type=_device, help="cuda, cuda:1, cpu (default: a GPU if there is one)")
     seg.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="the model's precision")
     seg.add_argument("--batch-size", type=_positive_int, default=1, help="images of one size run together")
     seg.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
+    seg.add_argument("--video-output", choices=("overlay", "color"), default="overlay",
+                     help="videos: the overlay with its legend, or the colour mask alone")
     seg.set_defaults(run=_segment)
 
     fit = commands.add_parser("train", help="train with cascade label guidance (torchrun for several processes)",
@@ -300,6 +327,14 @@ def parser() -> argparse.ArgumentParser:
     onnx.add_argument("--dynamic-size", action="store_true", help="any height and width from 161")
     onnx.add_argument("--opset", type=int, help="ONNX opset (default: icnet.export.OPSET)")
     onnx.set_defaults(run=_export)
+
+    caffe = commands.add_parser("convert", help="the authors' released Caffe weights (.caffemodel) as a checkpoint")
+    caffe.add_argument("caffemodel", help="icnet_cityscapes_*.caffemodel, bnnomerge or merged")
+    caffe.add_argument("--out", required=True, help="the checkpoint to write, e.g. icnet.pt")
+    caffe.add_argument("--ignore-extra-layers", action="store_true",
+                       help="leave out layers with weights that the released network does not have")
+    caffe.add_argument("--verbose", action="store_true", help="list every layer and the parameters it became")
+    caffe.set_defaults(run=_convert)
     return root
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from PIL import Image
+
 from icnet import cityscapes
-from icnet.checkpoint import load_checkpoint
-from icnet.images import ImageError, find_images, preprocess, read_rgb, write_label_map, write_overlay
+from icnet.api import Segmenter, best_device
+from icnet.checkpoint import load_checkpoint, preprocessing_of
+from icnet.images import ImageError, find_images, read_rgb, write_label_map
 from icnet.model import ICNet
+from icnet.preprocessing import DEFAULT_PREPROCESSING
+from icnet.visualize import colorize, overlay
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_device(name) -> torch.device:
@@ -38,18 +39,22 @@ def parse_device(name) -> torch.device:
     return device
 
 
-def build_model(weights, mode: str, device, dtype, channels_last: bool):
+def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batch_size: int = 1) -> Segmenter:
+    """The checkpoint's model with its class names and preprocessing, or an untrained model without one."""
     if weights is None:
         print("icnet: no --weights given: the model is untrained and its output is meaningless "
               "(useful only to check the pipeline and measure speed)", file=sys.stderr)
-        model, class_names = ICNet(mode=mode), cityscapes.CLASS_NAMES
+        model, class_names, preprocessing = ICNet(mode=mode), cityscapes.CLASS_NAMES, DEFAULT_PREPROCESSING
     else:
         model, payload = load_checkpoint(weights, mode=mode)
         class_names = payload["class_names"] or cityscapes.CLASS_NAMES
-    model = model.eval().to(device=device, dtype=dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, class_names
+        preprocessing = preprocessing_of(payload, weights)
+    return Segmenter(model, class_names, preprocessing, device, dtype, channels_last, batch_size)
+
+
+def build_model(weights, mode: str, device, dtype, channels_last: bool):
+    segmenter = build_segmenter(weights, mode, device, dtype, channels_last)
+    return segmenter.model, segmenter.class_names
 
 
 def _check_inputs(files) -> None:
@@ -71,6 +76,15 @@ def _check_inputs(files) -> None:
     if errors:
         shown = "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else "")
         raise ImageError(f"{len(errors)} of {len(files)} images cannot be read, so none was segmented: {shown}")
+
+
+def write_pictures(out_dir: Path, stem: str, rgb, labels, segmenter: Segmenter) -> None:
+    """<stem>_overlay.png (the colour mask over the image, with a legend of the classes present) and
+    <stem>_color.png (the colour mask alone)."""
+    pictures = {"overlay": overlay(rgb, labels, segmenter.palette, segmenter.class_names),
+                "color": colorize(labels, segmenter.palette)}
+    for kind, picture in pictures.items():
+        Image.fromarray(picture).save(out_dir / f"{stem}_{kind}.png")
 
 
 def _batches(images, batch_size):
@@ -95,13 +109,13 @@ def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="flo
         raise ValueError(f"out_dir {out_dir} is a file, not a folder")
     files = find_images(paths)
     _check_inputs(files)
-    model, class_names = build_model(weights, mode, device, DTYPES[dtype], channels_last)
-    palette = cityscapes.PALETTE if len(class_names) == len(cityscapes.PALETTE) else None
+    segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size)
+    model = segmenter.model
     out_dir.mkdir(parents=True, exist_ok=True)
     latencies = []
     with tqdm(total=len(files), desc="segment", unit="image", file=sys.stderr) as progress:
         for batch in _batches(((path, read_rgb(path)) for path in files), batch_size):
-            x = torch.stack([preprocess(rgb) for _, rgb in batch]).to(device=device, dtype=DTYPES[dtype])
+            x = torch.stack([segmenter.preprocessing(rgb) for _, rgb in batch]).to(device=device, dtype=DTYPES[dtype])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if device.type == "cuda":
@@ -114,8 +128,7 @@ def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="flo
             per_image_ms = (time.perf_counter() - start) * 1e3 / len(batch)
             for (path, rgb), label in zip(batch, labels.to(torch.uint8).cpu().numpy()):
                 write_label_map(out_dir / f"{path.stem}_trainIds.png", label)
-                if palette is not None:
-                    write_overlay(out_dir / f"{path.stem}_overlay.png", rgb, label, palette)
+                write_pictures(out_dir, path.stem, rgb, label, segmenter)
                 latencies.append((path, per_image_ms))
                 print(f"{path}\t{per_image_ms:.1f} ms")
             progress.update(len(batch))
