@@ -1,0 +1,263 @@
+"""A fixed-shape inference plan for ICNet: built once from a model and an example input, replayed per frame.
+
+At build time every BatchNorm is folded into its convolution (in float32, then cast to the example's
+dtype), every weight is stored in the dtype and memory format its convolution runs in, and the geometry
+of the example decides which of ICNet's exact shortcuts apply:
+
+- Caffe's shrink-2 of an odd-sized map with align_corners samples every other pixel exactly (source
+  position 2y, weight 0 on the neighbour), so the half-resolution image and conv3_1's shrink are strided
+  reads instead of bilinear resizes;
+- the head, classifier(resize(features, s)) resized to the image, is one exact integer zoom of the
+  classified features whenever the intermediate size s keeps every input sample (an align_corners
+  resize reproduces the input's piecewise-linear interpolant, so resizing through s changes nothing)
+  and the image's size is (h-1)*zoom+1: icnet_kernels.segmentation_head then classifies and zooms in one
+  kernel, and the labels variant writes uint8 labels without writing logits.
+
+The network runs on the fused ops (pyramid pooling, cascade feature fusion on pre-folded weights) and the
+convolutions' fused epilogues (oneDNN post-ops on the CPU, cuDNN conv + bias + residual + ReLU on a
+GPU), chosen once per layer at build: a layer whose fused call raises keeps the plain path. On CUDA the
+plan captures one CUDA graph (icnet.graphs.CudaGraphRunner) and each call replays it; on the CPU the same
+plan runs eagerly, which is how its arithmetic is tested without a GPU. The CUDA path has not yet run on
+a GPU.
+
+The plan is a snapshot of the model's weights: after changing them, build a new plan.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icnet_kernels
+from icnet.graphs import CudaGraphRunner
+from icnet.layers import Bottleneck, ConvBN, caffe_resize, fused_epilogue
+from icnet.model import ICNet, PyramidPooling
+from icnet_kernels.cff_geometry import memory_format_of
+from icnet_kernels.nn import folded_batch_norm
+from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, flat_weight_high, fold_bias,
+                                                      fold_scale)
+from icnet_kernels.ops.segmentation_head import MAX_ZOOM
+
+log = logging.getLogger(__name__)
+
+
+def shrink2(x: torch.Tensor) -> torch.Tensor:
+    """caffe_resize(x, shrink=2): every other pixel where a side is odd (exactly the resize's values for
+    finite inputs), the bilinear resize elsewhere."""
+    h, w = x.shape[-2:]
+    if h % 2 == 1 and w % 2 == 1:
+        return x[:, :, ::2, ::2].contiguous(memory_format=memory_format_of(x))
+    return caffe_resize(x, shrink=2)
+
+
+def exact_head_zoom(features_size, intermediate_size, image_size) -> int | None:
+    """The integer zoom z with image = (features - 1) * z + 1 on both sides when resizing the features to
+    intermediate_size and then to image_size equals that one zoom (intermediate - 1 a positive multiple
+    of features - 1 on both sides, so that it keeps every input sample), else None."""
+    zooms = set()
+    for f, s, i in zip(features_size, intermediate_size, image_size):
+        if f < 2 or s < f or (s - 1) % (f - 1) or (i - 1) % (f - 1):
+            return None
+        zooms.add((i - 1) // (f - 1))
+    zoom = zooms.pop() if len(zooms) == 1 else None
+    return zoom if zoom is not None and 1 <= zoom <= MAX_ZOOM else None
+
+
+class PlanConv(nn.Module):
+    """A ConvBN with its BatchNorm folded: conv + bias (+ residual) (+ ReLU)."""
+
+    def __init__(self, module: ConvBN, dtype: torch.dtype, memory_format: torch.memory_format, device,
+                 residual: bool = False):
+        """residual: whether a residual joins this convolution's epilogue (a bottleneck's increase)."""
+        super().__init__()
+        scale, shift = folded_batch_norm(module.bn)
+        weight = module.conv.weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+        self.register_buffer("weight", weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format))
+        self.register_buffer("bias", shift.to(device=device, dtype=dtype))
+        conv = module.conv  # its hyper-parameters only: the plan keeps no reference to the model's tensors
+        self.conv = SimpleNamespace(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        self.relu = module.relu
+        self.epilogue = fused_epilogue(torch.device(device).type, dtype, lambda: memory_format == torch.channels_last,
+                                       self.relu, residual)
+        self.epilogue_fallback: str | None = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.epilogue is not None:
+            try:
+                return self.epilogue(x, self.weight, self.bias, self.conv, self.relu, residual)
+            except RuntimeError as error:  # no fused implementation for this layer: the plain path from now on
+                self.epilogue_fallback = f"{self.epilogue.__name__}: {str(error).strip().splitlines()[0]}"
+                log.info("icnet plan: a convolution (%s) falls back to the plain path (%s)", self.conv, self.epilogue_fallback)
+                self.epilogue = None
+        y = F.conv2d(x, self.weight, self.bias, self.conv.stride, self.conv.padding, self.conv.dilation)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y, inplace=True) if self.relu else y
+
+
+class PlanBottleneck(nn.Module):
+    def __init__(self, block: Bottleneck, dtype, memory_format, device):
+        super().__init__()
+        self.reduce, self.conv3x3 = (PlanConv(m, dtype, memory_format, device) for m in (block.reduce, block.conv3x3))
+        self.increase = PlanConv(block.increase, dtype, memory_format, device, residual=True)
+        self.proj = None if block.proj is None else PlanConv(block.proj, dtype, memory_format, device)
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        return self.increase(self.conv3x3(self.reduce(x)), residual=shortcut)
+
+
+class PlanCascadeFeatureFusion(nn.Module):
+    """A cascade feature fusion unit (fused or reference build: same parameter names) with both
+    BatchNorms folded into the fused op's weight_low, weight_high [Co, Ch] and one bias."""
+
+    def __init__(self, unit: nn.Module, dtype, device, backend: str | None):
+        super().__init__()
+        scale_low, shift_low = folded_batch_norm(unit.bn_low)
+        scale_high, shift_high = folded_batch_norm(unit.bn_high)
+        weight_low = fold_scale(unit.conv_low.weight, scale_low)
+        weight_high = fold_scale(flat_weight_high(unit.conv_high.weight), scale_high)
+        bias = fold_bias(weight_low.shape[0], shift_low, shift_high, unit.conv_low.weight)
+        for name, t in (("weight_low", weight_low), ("weight_high", weight_high), ("bias", bias)):
+            self.register_buffer(name, t.detach().to(device=device, dtype=dtype).contiguous())
+        self.dilation, self.backend = unit.conv_low.dilation[0], backend
+
+    def forward(self, low, high):
+        return cascade_feature_fusion_folded(low, high, self.weight_low, self.weight_high, self.bias, self.dilation,
+                                             True, self.backend)
+
+
+class PlanHead(nn.Module):
+    """classifier(resize(features, size)) resized to the image, as logits or uint8 labels: one
+    segmentation_head kernel where the geometry is an exact integer zoom, ATen's resizes elsewhere."""
+
+    def __init__(self, classifier: nn.Conv2d, dtype, device, labels: bool):
+        super().__init__()
+        self.register_buffer("weight", classifier.weight.detach().flatten(1).to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("bias", classifier.bias.detach().to(device=device, dtype=dtype))
+        self.labels = labels
+
+    def forward(self, features, size, image_size):
+        zoom = exact_head_zoom(features.shape[-2:], size, image_size)
+        if zoom is not None:
+            head = icnet_kernels.segmentation_head_labels if self.labels else icnet_kernels.segmentation_head
+            return head(features, self.weight, self.bias, zoom)
+        logits = caffe_resize(F.conv2d(caffe_resize(features, size=size), self.weight[:, :, None, None], self.bias),
+                              size=image_size)
+        return logits.argmax(1).to(torch.uint8) if self.labels else logits
+
+
+def _stage(stage: nn.Sequential, dtype, memory_format, device) -> nn.Sequential:
+    return nn.Sequential(*(PlanBottleneck(block, dtype, memory_format, device) for block in stage))
+
+
+class PlanNetwork(nn.Module):
+    """ICNet's inference forward pass on folded, laid-out weights (what ICNet.forward computes in eval
+    mode for its mode), for one input dtype, layout and device."""
+
+    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool, cff_backend: str | None):
+        super().__init__()
+        dtype, device = example.dtype, example.device
+        self.mode, self.layout = model.mode, memory_format_of(example)
+        # The largest maps (trunk up to conv3_1, sub1) run channels_last on the CPU, as in the fused build.
+        self.stem = torch.channels_last if device.type == "cpu" else self.layout
+
+        def convs(seq, memory_format):
+            return nn.ModuleList(PlanConv(m, dtype, memory_format, device) for m in seq)
+
+        self.conv1 = convs(model.conv1, self.stem)
+        self.conv2 = _stage(model.conv2, dtype, self.stem, device)
+        self.conv3_1 = _stage(model.conv3_1, dtype, self.stem, device)
+        self.conv3_rest, self.conv4, self.conv5 = (_stage(s, dtype, self.layout, device)
+                                                   for s in (model.conv3_rest, model.conv4, model.conv5))
+        self.ppm = PyramidPooling(fused=True)
+        self.conv5_4 = PlanConv(model.conv5_4, dtype, self.layout, device)
+        classifier = {"sub4": model.cls_sub4, "sub24": model.cls_sub24, "sub124": model.cls_sub124}[self.mode]
+        self.head = PlanHead(classifier, dtype, device, labels)
+        if self.mode != "sub4":
+            self.cff_sub24 = PlanCascadeFeatureFusion(model.cff_sub24, dtype, device, cff_backend)
+        if self.mode == "sub124":
+            self.sub1 = convs(model.sub1, self.stem)
+            self.cff_sub12 = PlanCascadeFeatureFusion(model.cff_sub12, dtype, device, cff_backend)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = shrink2(image).contiguous(memory_format=self.stem)
+        for conv in self.conv1:
+            x = conv(x)
+        x = self.conv2(F.max_pool2d(x, 3, 2, 1))
+        conv3_1 = self.conv3_1(x).contiguous(memory_format=self.layout)
+        x = self.conv5(self.conv4(self.conv3_rest(shrink2(conv3_1))))
+        x = self.conv5_4(self.ppm(x))
+        image_size = tuple(image.shape[-2:])
+        if self.mode == "sub4":
+            return self.head(x, _zoom2(x), image_size)
+        sub24 = self.cff_sub24(x, conv3_1)
+        if self.mode == "sub24":
+            return self.head(sub24, ICNet._eighth(image), image_size)
+        sub1 = image.contiguous(memory_format=self.stem)
+        for conv in self.sub1:
+            sub1 = conv(sub1)
+        sub12 = self.cff_sub12(sub24, sub1.contiguous(memory_format=self.layout))
+        return self.head(sub12, _zoom2(sub12), image_size)
+
+
+def _zoom2(x) -> tuple[int, int]:
+    h, w = x.shape[-2:]
+    return 2 * h - 1, 2 * w - 1
+
+
+class InferencePlan:
+    """ICNet inference for one input shape, dtype, layout and device, built once.
+
+    plan = InferencePlan(model, example, labels=False); out = plan(image)
+    returns the logits [N, classes, H, W] in the image's dtype and layout, or with labels=True the argmax
+    [N, H, W] as uint8. On CUDA (cuda_graph=True, the default there) the output is the graph's static
+    buffer, overwritten by the next call: clone it to keep it. cff_backend chooses the fusion units'
+    implementation (None: the library's default).
+    """
+
+    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
+                 cff_backend: str | None = None):
+        if not isinstance(model, ICNet):
+            raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
+        if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[1] != 3:
+            raise ValueError(f"example must be an image batch [N, 3, H, W], got "
+                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+        if not example.is_floating_point():
+            raise ValueError(f"example must be floating point, got {example.dtype}")
+        if model.training:
+            raise ValueError("model must be in eval mode: the plan folds BatchNorm's running statistics")
+        if cuda_graph and example.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA example, got one on {example.device}")
+        self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
+        self.layout, self.labels = memory_format_of(example), labels
+        with torch.no_grad():
+            self.network = PlanNetwork(model, example, labels, cff_backend).eval()
+        self.runner = None
+        if cuda_graph or (cuda_graph is None and example.device.type == "cuda"):
+            self.runner = CudaGraphRunner(self.network, example, recapture=False)
+        else:
+            with torch.inference_mode():  # the epilogue fallbacks and weight layouts settle here, not per frame
+                self.network(example)
+
+    def check(self, image) -> None:
+        """ValueError naming image unless it has the example's shape, dtype, layout and device."""
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"image must be a tensor, got {type(image).__name__}")
+        got = (tuple(image.shape), image.dtype, image.device, memory_format_of(image))
+        if got != (self.shape, self.dtype, self.device, self.layout):
+            raise ValueError(f"image must match the plan's example {self.shape} {self.dtype} on {self.device} "
+                             f"({self.layout}), got {got[0]} {got[1]} on {got[2]} ({got[3]})")
+
+    def epilogue_fallbacks(self) -> dict[str, str]:
+        return {name: m.epilogue_fallback for name, m in self.network.named_modules()
+                if isinstance(m, PlanConv) and m.epilogue_fallback is not None}
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        self.check(image)
+        if self.runner is not None:
+            return self.runner(image)
+        with torch.inference_mode():
+            return self.network(image)

@@ -1,0 +1,151 @@
+"""The inference plan's CPU twin against the reference build, and the exact geometry it relies on: strided
+shrinks equal to Caffe's shrink-2, and the head's two resizes equal to one integer zoom."""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import icnet_kernels
+from icnet import ICNet
+from icnet.layers import caffe_resize
+from icnet.plan import InferencePlan, exact_head_zoom, shrink2
+from tests.helpers import LAYOUTS, in_layout
+from tests.test_icnet_model import randomize_batch_norm
+
+pytestmark = pytest.mark.skipif(not icnet_kernels.native_available(), reason="the plan runs the native CPU ops")
+
+EXACT = (65, 129)    # 1025x2049 / 16: every shrink, fusion unit and the head's 8x zoom exact
+INEXACT = (50, 70)   # even sides: resizes everywhere
+
+
+@settings(max_examples=25)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), layout=st.sampled_from(LAYOUTS),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_shrink2_equals_caffe_shrink_exactly(h, w, layout, dtype, seed):
+    x = in_layout(torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype), layout)
+    expected = caffe_resize(x, shrink=2)
+    actual = shrink2(x)
+    assert actual.shape == expected.shape and torch.equal(actual, expected)
+
+
+@settings(max_examples=40)
+@given(f=st.tuples(st.integers(1, 6), st.integers(1, 6)), s=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+       i=st.tuples(st.integers(1, 40), st.integers(1, 40)))
+def test_exact_head_zoom_is_one_resize_exactly_when_it_says_so(f, s, i):
+    x = torch.randn(1, 2, *f, dtype=torch.float64)
+    zoom = exact_head_zoom(f, s, i)
+    if zoom is None:
+        return
+    torch.testing.assert_close(caffe_resize(caffe_resize(x, size=s), size=i), caffe_resize(x, zoom=zoom),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_exact_head_zoom_finds_icnets_heads():
+    assert exact_head_zoom((129, 257), (257, 513), (1025, 2049)) == 8     # sub124
+    assert exact_head_zoom((65, 129), (129, 257), (1025, 2049)) == 16     # sub24
+    assert exact_head_zoom((33, 65), (65, 129), (1025, 2049)) == 32       # sub4
+    assert exact_head_zoom((9, 17), (17, 33), (66, 129)) is None          # image side not (h-1)*z+1
+    assert exact_head_zoom((9, 17), (16, 33), (65, 129)) is None          # the intermediate resize loses samples
+
+
+def reference_model(mode, seed=0):
+    torch.manual_seed(seed)
+    return randomize_batch_norm(ICNet(mode=mode, fused=False), seed).eval()
+
+
+@functools.cache
+def built(mode, size, layout="contiguous", seed=0):
+    """(image, the reference build's logits, the logits plan, the labels plan), shared by the tests: the
+    interpreted head makes each plan take seconds."""
+    model = reference_model(mode, seed)
+    image = in_layout(torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed)) * 60, layout)
+    with torch.no_grad():
+        expected = model(image)
+    return image, expected, InferencePlan(model, image), InferencePlan(model, image, labels=True)
+
+
+def check_plan(mode, size, layout="contiguous", seed=0):
+    image, expected, plan, labels_plan = built(mode, size, layout, seed)
+    logits = plan(image)
+    assert logits.shape == expected.shape and logits.dtype == expected.dtype
+    assert logits.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                else torch.contiguous_format)
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    labels = labels_plan(image)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, *size)
+    top2 = expected.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-3 * expected.abs().max().item()
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels[clear], expected.argmax(1)[clear].to(torch.uint8))
+    assert (labels == expected.argmax(1)).float().mean() >= 0.998
+
+
+@pytest.mark.parametrize("mode", ["sub124", "sub24", "sub4"])
+def test_plan_matches_the_reference_build_at_an_exact_size(mode):
+    check_plan(mode, EXACT)
+
+
+@pytest.mark.parametrize("mode,size,layout", [("sub124", EXACT, "channels_last"), ("sub124", INEXACT, "contiguous"),
+                                              ("sub24", INEXACT, "channels_last")],
+                         ids=["exact-channels_last", "inexact", "inexact-sub24-channels_last"])
+def test_plan_matches_the_reference_build(mode, size, layout):
+    check_plan(mode, size, layout, seed=1)
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def ops_of_a_call(plan, image):
+    with OpNames() as recorder:
+        plan(image)
+    return recorder.names
+
+
+def test_a_call_at_an_exact_size_folds_nothing_and_resizes_nothing():
+    """BatchNorm is folded at build time, the shrinks are strided reads and the head is one kernel: a call
+    runs no normalisation arithmetic and no bilinear resize. The same count at an inexact size sees the
+    resizes, so the check can fail."""
+    image, _, plan, _ = built("sub124", EXACT)
+    names = ops_of_a_call(plan, image)
+    assert "segmentation_head_triton" in names
+    assert not {"upsample_bilinear2d", "rsqrt", "batch_norm", "native_batch_norm"} & set(names), sorted(set(names))
+    image, _, plan, _ = built("sub124", INEXACT, seed=1)
+    assert "upsample_bilinear2d" in ops_of_a_call(plan, image)
+
+
+def test_labels_plan_never_computes_logits():
+    image, _, _, labels_plan = built("sub124", EXACT)
+    names = ops_of_a_call(labels_plan, image)
+    assert "segmentation_head_labels_triton" in names and "segmentation_head_triton" not in names
+    assert "argmax" not in names
+
+
+def test_plan_refuses_other_inputs_by_name():
+    image, _, plan, _ = built("sub124", INEXACT, seed=1)
+    for other in (torch.randn(1, 3, 52, 70), image.double(), image.contiguous(memory_format=torch.channels_last),
+                  image.numpy()):
+        with pytest.raises(ValueError, match="image"):
+            plan(other)
+
+
+def test_plan_refuses_bad_builds_by_name():
+    model = reference_model("sub4")
+    with pytest.raises(ValueError, match="eval mode"):
+        InferencePlan(model.train(), torch.randn(1, 3, *INEXACT))
+    model.eval()
+    with pytest.raises(ValueError, match="example"):
+        InferencePlan(model, torch.randn(3, *INEXACT))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        InferencePlan(model, torch.randn(1, 3, *INEXACT), cuda_graph=True)
+    with pytest.raises(ValueError, match="model"):
+        InferencePlan(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, *INEXACT))
