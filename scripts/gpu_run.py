@@ -310,20 +310,38 @@ class Driver:
         env = dict(self.env, TORCH_CUDA_ARCH_LIST="9.0", ICNET_WITH_CUDA="1", MAX_JOBS=str(os.cpu_count() or 8))
         self._python(stage, ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
                      env)
+        if stage.status != "ok":
+            return
+        # A built extension whose CUDA kernels do not load would turn every native CUDA test into a skip.
+        check = subprocess.run([sys.executable, "-c", "import icnet_kernels; print(icnet_kernels.native_available(), "
+                                "icnet_kernels.native_cuda_available())"], cwd=REPO, env=self.env,
+                               capture_output=True, text=True, timeout=120)
+        with open(self.logs / "build.log", "a") as log:
+            log.write(check.stdout + check.stderr)
+        stage.results = {"extension_loads": check.stdout.split() == ["True", "True"]}
+        if not stage.results["extension_loads"]:
+            stage.status, stage.reason = "failed", "the extension built, but it or its CUDA kernels do not load"
 
-    def stage_tests(self, stage: Stage) -> None:
-        junit = self.logs / "tests-junit.xml"
-        args = ["-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--junitxml", str(junit),
+    def tests_args(self) -> list[str]:
+        args = ["-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--junitxml", str(self.junit_file()),
                 "-k", "cuda or gpu", "--ignore-glob", "tests/test_gpu_driver*", "tests"]
         packages = self.environment.get("packages", {})
         if packages.get("xdist"):
-            args[3:3] = ["-n", str(min(8, os.cpu_count() or 1))]
-        else:
-            self.notes.append("pytest-xdist is missing: the tests ran one at a time")
+            args[2:2] = ["-n", str(min(8, os.cpu_count() or 1))]
         if packages.get("pytest_timeout"):
-            args[3:3] = ["--timeout", "120"]
-        else:
+            args[2:2] = ["--timeout", "120"]
+        return args
+
+    def junit_file(self) -> Path:
+        return self.logs / "tests-junit.xml"
+
+    def stage_tests(self, stage: Stage) -> None:
+        packages = self.environment.get("packages", {})
+        if not packages.get("xdist"):
+            self.notes.append("pytest-xdist is missing: the tests ran one at a time")
+        if not packages.get("pytest_timeout"):
             self.notes.append("pytest-timeout is missing: no per-test time limit")
+        args, junit = self.tests_args(), self.junit_file()
         env = dict(self.env, HYPOTHESIS_PROFILE="gpu", ICNET_TRITON_AUTOTUNE="0")
         self._python(stage, args, env)
         parsed = parse_junit(junit) or parse_pytest_log((self.logs / "tests.log").read_text(errors="replace"))
@@ -343,9 +361,13 @@ class Driver:
             stage.results["cases_status"] = stage.status
             stage.status = "skipped" if stage.status == "ok" else stage.status
             return
-        # Only icnet's own kernels are instrumented (their names hold the namespace); without the caching
-        # allocator every tensor is its own allocation, so an access past its end is caught.
-        stage.command = [sanitizer, "--tool", "memcheck", "--kernel-name", "kns=icnet", "--error-exitcode", "99",
+        # Only icnet's own kernels are instrumented (their names hold the namespace), with the filter option
+        # this compute-sanitizer has; without the caching allocator every tensor is its own allocation, so an
+        # access past its end is caught.
+        kernel_filter = _sanitizer_kernel_filter(sanitizer)
+        if kernel_filter is None:
+            self.notes.append("compute-sanitizer offers no kernel filter: every kernel was instrumented")
+        stage.command = [sanitizer, "--tool", "memcheck", *(kernel_filter or []), "--error-exitcode", "99",
                          sys.executable, *cases, "--device", "cuda"]
         env = dict(self.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
         stage.status, stage.returncode, seconds = run_command(stage.command, self.logs / "memcheck.log",
@@ -353,37 +375,43 @@ class Driver:
         stage.seconds = round(seconds, 1)
         stage.results = parse_memcheck((self.logs / "memcheck.log").read_text(errors="replace"))
 
-    def stage_ops(self, stage: Stage) -> None:
-        out = self.results_dir("ops")
-        args = ["-m", "benchmarks.run", "--goal", "--out", str(out), "--compile-cache", str(self.cache_file())]
+    def ops_args(self) -> list[str]:
+        args = ["-m", "benchmarks.run", "--goal", "--out", str(self.results_dir("ops")),
+                "--compile-cache", str(self.cache_file())]
         if self.cpu:
-            args += ["--device", "cpu", "--quick", "--ops", "pyramid_pool_sum", "--providers", "eager", "icnet-native"]
-        else:
-            args += ["--device", "cuda", "--providers", *OP_PROVIDERS]
-        self._seed_cache()
-        self._python(stage, args)
-        stage.results = summarize_rows(_only(out, "ops-*.json"))
+            return args + ["--device", "cpu", "--quick", "--ops", "pyramid_pool_sum", "--providers", "eager",
+                           "icnet-native"]
+        return args + ["--device", "cuda", "--providers", *OP_PROVIDERS]
 
-    def stage_e2e(self, stage: Stage) -> None:
+    def e2e_args(self) -> list[str]:
         out = self.results_dir("e2e")
         args = ["-m", "benchmarks.icnet_e2e", "--out", str(out), "--modes", "sub124",
                 "--compile-cache", str(self.cache_file())]
         if self.cpu:
-            args += ["--device", "cpu", "--quick", "--batches", "1", "--dtypes", "float32", "--layouts", "nchw",
-                     "--input-size", "33", "65", "--runners", "reference-eager", "fused-eager"]
-        else:
-            batches = ["1"]
-            if self.plan == "batch16":
-                earlier = _only(out, "icnet-*.json").exists()
-                batches = ["1", "16"] if earlier else ["16"]
-                args.append("--resume")
-                self.notes.append("e2e: batch 1 completed where this machine's first run left off, then batch 16"
-                                  if earlier else "e2e: no first run on this machine: batch 16 only")
-            args += ["--device", "cuda", "--batches", *batches, "--dtypes", "float16", "--layouts", "channels_last",
-                     "--runners", *E2E_RUNNERS]
+            return args + ["--device", "cpu", "--quick", "--batches", "1", "--dtypes", "float32", "--layouts",
+                           "nchw", "--input-size", "33", "65", "--runners", "reference-eager", "fused-eager"]
+        batches = ["1"]
+        if self.plan == "batch16":
+            earlier = _only(out, "icnet-*.json").exists()
+            batches = ["1", "16"] if earlier else ["16"]
+            args.append("--resume")
+        return args + ["--device", "cuda", "--batches", *batches, "--dtypes", "float16", "--layouts",
+                       "channels_last", "--runners", *E2E_RUNNERS]
+
+    def stage_ops(self, stage: Stage) -> None:
         self._seed_cache()
+        self._python(stage, self.ops_args())
+        stage.results = summarize_rows(_only(self.results_dir("ops"), "ops-*.json"))
+
+    def stage_e2e(self, stage: Stage) -> None:
+        self._seed_cache()
+        args = self.e2e_args()
+        if "--resume" in args:
+            self.notes.append("e2e: batch 1 completed where this machine's first run left off, then batch 16"
+                              if args[args.index("--batches") + 1] == "1" else
+                              "e2e: no first run on this machine: batch 16 only")
         self._python(stage, args)
-        stage.results = summarize_rows(_only(out, "icnet-*.json"))
+        stage.results = summarize_rows(_only(self.results_dir("e2e"), "icnet-*.json"))
 
     def _seed_cache(self) -> None:
         """The working folder's cache (an earlier run on this machine) or else the committed one."""
@@ -444,6 +472,19 @@ def _sanitizer() -> str | None:
     found = shutil.which("compute-sanitizer") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer"))),
                                                       None)
     return found
+
+
+def _sanitizer_kernel_filter(sanitizer: str) -> list[str] | None:
+    """The arguments that restrict instrumentation to kernels whose names hold "icnet", as this version of
+    compute-sanitizer spells them (--kernel-name in recent ones, --kernel-regex in older ones)."""
+    try:
+        help_text = subprocess.run([sanitizer, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for option in ("--kernel-name", "--kernel-regex"):
+        if option in help_text:
+            return [option, "kns=icnet"]
+    return None
 
 
 def _git(*args: str) -> str | None:

@@ -150,13 +150,14 @@ def test_layer_group_kernel_times_cover_the_timed_submodules_within_the_total(de
 
 @pytest.mark.usefixtures("one_thread")
 def test_layer_group_kernel_times_attribute_work_to_its_group():
-    """A 30 ms delay inside sub1 (CPU time: the CPU's stand-in for kernel time) lands in sub1 alone."""
+    """A 200 ms delay inside sub1 (CPU time: the CPU's stand-in for kernel time) lands in sub1 alone (long
+    enough that no group's own work reaches it on a busy machine)."""
     model = ICNet(mode="sub124", fused=True).eval()
     x = torch.randn(1, 3, 65, 129)
-    next(model.sub1.children()).register_forward_pre_hook(lambda *_: time.sleep(0.03))  # inside sub1's range
+    next(model.sub1.children()).register_forward_pre_hook(lambda *_: time.sleep(0.2))  # inside sub1's range
     ms = layer_groups.layer_group_kernel_ms(model, x, repeats=2)
-    assert ms["sub1"] >= 30
-    assert all(value < 30 for group, value in ms.items() if group not in ("sub1", "total")), ms
+    assert ms["sub1"] >= 200
+    assert all(value < 200 for group, value in ms.items() if group not in ("sub1", "total")), ms
 
 
 def test_floor_is_the_slower_of_memory_and_arithmetic():
@@ -241,7 +242,8 @@ def test_resume_measures_only_the_runners_missing_from_the_results(tmp_path, mon
     path = tmp_path / f"icnet-{icnet_e2e.report.slug(icnet_e2e.report.device_name(torch.device('cpu')))}-quick.json"
     earlier = done.describe() | {"runner": "reference-eager", "p50_ms": 7.0}
     path.write_text(json.dumps({"meta": {}, "rows": [earlier]}))
-    assert icnet_e2e.main(["--device", "cpu", "--quick", "--resume", "--out", str(tmp_path)]) == 0
+    assert icnet_e2e.main(["--device", "cpu", "--quick", "--resume", "--out", str(tmp_path),
+                           "--runners", "reference-eager", "fused-eager"]) == 0
     assert measured == [(done, ["fused-eager"]), (missing, ["reference-eager", "fused-eager"])]
     rows = json.loads(path.read_text())["rows"]
     assert [(row["mode"], row["runner"], row["p50_ms"]) for row in rows] == [
@@ -312,8 +314,9 @@ def test_gpu_runners_come_in_the_order_the_goals_compare_them():
     other = icnet_e2e.Config("sub4", 1, torch.float32, True)
     assert not any(icnet_e2e.RUNNERS[name].compiles for name in icnet_e2e.RUNNERS
                    if icnet_e2e.RUNNERS[name].applies(other, cuda))
-    assert [name for name in icnet_e2e.RUNNERS if icnet_e2e.RUNNERS[name].applies(goal, torch.device("cpu"))] == [
-        "reference-eager", "fused-eager"]
+    on_cpu = [name for name in icnet_e2e.RUNNERS if icnet_e2e.RUNNERS[name].applies(goal, torch.device("cpu"))]
+    assert on_cpu[:2] == ["reference-eager", "fused-eager"]
+    assert not any("cuda-graph" in name or icnet_e2e.RUNNERS[name].compiles for name in on_cpu)
 
 
 def test_with_backend_switches_every_icnet_op_of_a_copy():

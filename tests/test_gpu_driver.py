@@ -2,6 +2,7 @@
 between GPU runs, and the pieces a GPU run relies on: stage time limits, the parsers of each stage's
 output, the compile cache's environment check, the op benchmark's goal cases."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cascade_feature_fusion, compile_cache, pyramid_pool_sum, run
+from benchmarks import cascade_feature_fusion, compile_cache, icnet_e2e, pyramid_pool_sum, run
 from scripts.memcheck_cases import FUSION_CASES, PYRAMID_CASES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,54 @@ def test_a_stage_over_its_limit_is_stopped_with_its_children(tmp_path):
     assert "stopped at its time limit" in (tmp_path / "log").read_text()
     assert gpu_run.run_command([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", 30,
                                dict(os.environ))[:2] == ("failed", 3)
+
+
+def _gpu_driver(tmp_path, plan):
+    args = argparse.Namespace(cpu=False, plan=plan, out=tmp_path / "out", work=tmp_path / "work", budget_s=None)
+    driver = gpu_run.Driver(args)
+    driver.environment = {"device": "NVIDIA H200", "cuda_available": True}
+    return driver
+
+
+@pytest.mark.parametrize("plan, earlier, batches", [("first", False, [1]), ("batch16", False, [16]),
+                                                     ("batch16", True, [1, 16])])
+def test_the_gpu_run_measures_the_goal_configuration_with_the_runners_in_order(tmp_path, plan, earlier, batches):
+    """The GPU stages' command lines, parsed by the benchmarks themselves (a typo would only show on a GPU)."""
+    driver = _gpu_driver(tmp_path, plan)
+    if earlier:
+        driver.results_dir("e2e").mkdir(parents=True)
+        (driver.results_dir("e2e") / "icnet-nvidia-h200.json").write_text("{}")
+    args = driver.e2e_args()
+    assert args[:2] == ["-m", "benchmarks.icnet_e2e"]
+    parsed = icnet_e2e._parser().parse_args(args[2:])
+    chosen = icnet_e2e.chosen_configs(torch.device("cuda"), parsed)
+    assert [(c.mode, c.batch, c.dtype, c.channels_last, c.size) for c in chosen] == [
+        ("sub124", batch, torch.float16, True, (1025, 2049)) for batch in batches]
+    assert parsed.runners == ["reference-eager", "fused-eager", "fused-cuda-graph", "fused-triton-cuda-graph",
+                              "reference-compile-max-autotune"]
+    assert all(icnet_e2e.RUNNERS[name].applies(chosen[0], torch.device("cuda")) for name in parsed.runners)
+    assert parsed.resume == (plan == "batch16")
+    assert parsed.compile_cache.name == "torch-compile-cache-nvidia-h200.zip"
+
+
+def test_the_gpu_tests_run_in_parallel_under_a_per_test_timeout(tmp_path):
+    driver = _gpu_driver(tmp_path, "first")
+    driver.environment["packages"] = {"xdist": True, "pytest_timeout": True}
+    args = driver.tests_args()
+    assert args[:2] == ["-m", "pytest"]
+    value = {option: args[args.index(option) + 1] for option in ("-p", "--timeout", "-n", "-k", "--ignore-glob")}
+    assert value["-p"] == "no:cacheprovider" and value["--timeout"] == "120" and int(value["-n"]) >= 1
+    assert value["-k"] == "cuda or gpu" and value["--ignore-glob"] == "tests/test_gpu_driver*"
+    driver.environment["packages"] = {}
+    assert "-n" not in driver.tests_args() and "--timeout" not in driver.tests_args()
+
+
+def test_the_gpu_ops_stage_asks_for_the_goal_cases(tmp_path):
+    args = _gpu_driver(tmp_path, "first").ops_args()
+    assert args[:2] == ["-m", "benchmarks.run"] and "--goal" in args
+    if not torch.cuda.is_available():  # argparse accepts the line; then the missing GPU stops it
+        with pytest.raises(SystemExit, match="needs a visible CUDA GPU"):
+            run.main(args[2:])
 
 
 def test_test_outcomes_come_from_junit_or_else_from_the_log(tmp_path):
