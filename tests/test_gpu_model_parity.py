@@ -17,8 +17,9 @@ CASES = [pytest.param(torch.float32, False, id="float32-nchw"),
          pytest.param(torch.bfloat16, True, id="bfloat16-channels_last")]
 # (batch, height, width): a small odd size with two images, and the paper's full-resolution image
 SIZES = [pytest.param((2, 97, 161), id="2x97x161"), pytest.param((1, 1025, 2049), id="1x1025x2049")]
-# Argmax agreement with the float64 result; 16-bit logits of near-tied classes may swap.
-AGREEMENT = {torch.float32: 0.999, torch.float16: 0.99, torch.bfloat16: 0.97}
+# How far the fused build's argmax agreement with the float64 result may fall below the reference build's in
+# the same dtype: 16-bit logits of near-tied classes swap in either build.
+AGREEMENT_SLACK = {torch.float32: 0.001, torch.float16: 0.01, torch.bfloat16: 0.02}
 
 
 def _builds(backend):
@@ -58,4 +59,5 @@ def test_fused_build_matches_the_reference_on_a_gpu(backend, dtype, channels_las
     scale = exact.abs().max().item()
     assert err <= 2 * err_torch + 1e-3 * scale, f"error {err:.3e} > 2 x torch's {err_torch:.3e} + 1e-3 x {scale:.3g}"
     agreement = (out.argmax(1) == exact.argmax(1)).float().mean().item()
-    assert agreement >= AGREEMENT[dtype], agreement
+    torch_agreement = (same_precision.argmax(1) == exact.argmax(1)).float().mean().item()
+    assert agreement >= torch_agreement - AGREEMENT_SLACK[dtype], (agreement, torch_agreement)
