@@ -67,9 +67,11 @@ def test_predict_takes_batches_and_lists_of_any_sizes(checkpoints):
     assert np.array_equal(segmenter.predict(batch), expected)
     assert torch.equal(segmenter.predict(torch.from_numpy(batch).permute(0, 3, 1, 2)), torch.from_numpy(expected))
     small, large = random_rgb((20, 31), seed=2), random_rgb((41, 65), seed=3)
-    results = segmenter.predict([small, large])
-    assert [r.shape for r in results] == [(20, 31), (41, 65)]
+    results = segmenter.predict([small, large, torch.from_numpy(small).permute(2, 0, 1), batch[0], batch])
+    assert [r.shape for r in results] == [(20, 31), (41, 65), (20, 31), (33, 49), (3, 33, 49)]
     assert np.array_equal(results[1], expected_labels(model, [large])[0])
+    assert torch.equal(results[2], torch.from_numpy(results[0]))
+    assert np.array_equal(results[3], expected[0]) and np.array_equal(results[4], expected)
 
 
 def test_predict_applies_the_recorded_preprocessing(checkpoints):
@@ -181,6 +183,16 @@ def test_predict_rejects_what_is_not_an_image(checkpoints, image, message):
     folder, _ = checkpoints
     with pytest.raises(ValueError, match=message):
         icnet.load(folder / "default.pt", device="cpu").predict(image)
+
+
+def test_load_rejects_a_bad_device_or_batch_size(checkpoints):
+    folder, _ = checkpoints
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        icnet.load(folder / "default.pt", device="gpu0")
+    with pytest.raises(ValueError, match="batch_size"):
+        icnet.load(folder / "default.pt", device="cpu", batch_size=0)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        icnet.load(folder / "default.pt", device="cpu").predict([np.zeros((4, 5, 3), np.uint8), "missing.png"])
 
 
 def test_load_picks_the_fastest_settings_for_the_device(checkpoints):

@@ -39,6 +39,22 @@ def caffemodels(graphs, tmp_path_factory):
     return {variant: write(folder, layers, f"{variant}.caffemodel") for variant, layers in graphs.items()}
 
 
+@pytest.fixture(scope="module")
+def converted(caffemodels):
+    """variant -> (state_dict, report) of its conversion."""
+    results = {}
+    for variant, path in caffemodels.items():
+        model, report = convert_caffemodel(path)
+        results[variant] = (model.state_dict(), report)
+    return results
+
+
+def built(state_dict, fused=True, dtype=torch.float64):
+    model = ICNet(num_classes=19, fused=fused).eval()
+    model.load_state_dict(state_dict)
+    return model.to(dtype)
+
+
 def image(size, seed=0, dtype=torch.float64):
     """A preprocessed input (BGR, means subtracted): values of the size the released model sees."""
     return (torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed)) * 60).to(dtype)
@@ -51,14 +67,12 @@ def assert_close(actual, expected, relative):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_the_converted_model_computes_the_released_graph(graphs, caffemodels, variant, fused):
-    converted, report = convert_caffemodel(caffemodels[variant])
+def test_the_converted_model_computes_the_released_graph(graphs, converted, variant, fused):
+    state_dict, report = converted[variant]
     assert report.variant == variant
-    model = ICNet(num_classes=19, fused=fused).eval()
-    model.load_state_dict(converted.state_dict())
+    model = built(state_dict, fused)
     x = image(SMALL_INPUT)
     expected = run_graph(graphs[variant], x)["conv6_interp"]
-    model = model.double()
     with torch.inference_mode():
         actual = model(x)
     assert actual.shape == expected.shape == (1, 19, *SMALL_INPUT)
@@ -66,8 +80,8 @@ def test_the_converted_model_computes_the_released_graph(graphs, caffemodels, va
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_float32_inference_of_the_converted_model_matches_the_graph(graphs, caffemodels, variant):
-    model, _ = convert_caffemodel(caffemodels[variant])
+def test_float32_inference_of_the_converted_model_matches_the_graph(graphs, converted, variant):
+    model = built(converted[variant][0], dtype=torch.float32)
     x = image(SMALL_INPUT, seed=1)
     expected = run_graph(graphs[variant], x)["conv6_interp"]
     with torch.inference_mode():
@@ -104,9 +118,10 @@ def test_the_comparison_notices_a_wrong_bn_blob_order(graphs, tmp_path):
     assert error > 1e-2 * expected.abs().max().item()
 
 
-def test_every_parameter_but_the_training_classifiers_comes_from_the_caffemodel(caffemodels):
+def test_every_parameter_but_the_training_classifiers_comes_from_the_caffemodel(converted):
+    model = ICNet(num_classes=19)
     for variant in VARIANTS:
-        model, report = convert_caffemodel(caffemodels[variant])
+        _, report = converted[variant]
         assert sorted(report.untrained) == ["cls_sub24.bias", "cls_sub24.weight", "cls_sub4.bias", "cls_sub4.weight"]
         mapped = [key for _, keys in report.mapped for key in keys]
         assert len(mapped) == len(set(mapped))  # one to one
@@ -117,29 +132,31 @@ def test_every_parameter_but_the_training_classifiers_comes_from_the_caffemodel(
         assert "64 convolutions" in report.summary() and "cls_sub4" in report.summary()
 
 
-def test_convert_writes_a_checkpoint_with_the_released_preprocessing(caffemodels, tmp_path, capsys):
+def test_convert_writes_a_checkpoint_with_the_released_preprocessing(caffemodels, converted, tmp_path, capsys):
     out = tmp_path / "icnet.pt"
-    assert icnet_main(["convert", str(caffemodels["bnnomerge"]), "--out", str(out)]) == 0
+    assert icnet_main(["convert", str(caffemodels["bnnomerge"]), "--out", str(out), "--verbose"]) == 0
     stdout = capsys.readouterr().out
-    assert "bnnomerge" in stdout and "63 BN layers" in stdout
+    assert "bnnomerge" in stdout and "63 BN layers" in stdout and str(out) in stdout
+    assert "conv_sub4 -> cff_sub24.conv_low.weight" in stdout
+    assert "conv_sub4/bn -> cff_sub24.bn_low.weight, cff_sub24.bn_low.bias" in stdout
     payload = read_checkpoint(out)
     assert payload["class_names"] == list(CLASS_NAMES)
     assert preprocessing_of(payload) == RELEASED_PREPROCESSING
     model, _ = load_checkpoint(out)
-    expected, _ = convert_caffemodel(caffemodels["bnnomerge"])
-    for key, value in expected.state_dict().items():
+    for key, value in converted["bnnomerge"][0].items():
         if not key.startswith(("cls_sub4.", "cls_sub24.")):
             assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_legacy_v1_layers_and_blob_encodings_convert_alike(graphs, caffemodels, tmp_path):
+def test_legacy_v1_layers_and_blob_encodings_convert_alike(graphs, caffemodels, converted, tmp_path):
     """The same weights stored with legacy 4-D blob dims and unpacked floats, and (for the layer types V1
     knows) in the legacy V1 layer list, give the same model."""
     convs = [l for l in graphs["merged"] if l.type == "Convolution"]  # V1 has no Scale layer
-    pairs = [(caffemodels["merged"], write(tmp_path, graphs["merged"], "legacy.caffemodel", legacy_shape=True)),
-             (write(tmp_path, convs, "new.caffemodel"), write(tmp_path, convs, "v1.caffemodel", v1=True))]
-    for path, other in pairs:
-        expected, actual = convert_caffemodel(path)[0].state_dict(), convert_caffemodel(other)[0].state_dict()
+    legacy = write(tmp_path, graphs["merged"], "legacy.caffemodel", legacy_shape=True)
+    new = convert_caffemodel(write(tmp_path, convs, "new.caffemodel"))[0].state_dict()
+    pairs = [(converted["merged"][0], legacy), (new, write(tmp_path, convs, "v1.caffemodel", v1=True))]
+    for expected, other in pairs:
+        actual = convert_caffemodel(other)[0].state_dict()
         for key, value in expected.items():
             if not key.startswith(("cls_sub4.", "cls_sub24.")):
                 assert torch.equal(actual[key], value), (other.name, key)

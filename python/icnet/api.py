@@ -45,16 +45,28 @@ class Segmenter:
 
     def predict(self, images):
         """Class maps of images: [H, W] (uint8 for up to 256 classes) for one image, [N, H, W] for an array
-        or tensor batch, a list of maps for a list. Tensors in, tensors out (on the input's device);
-        numpy arrays otherwise."""
+        or tensor batch, a list of maps for a list (whose images of one size run in batches together).
+        Tensors in, tensors out (on the input's device); numpy arrays otherwise."""
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError("images is an empty list")
-            return [self.predict(image) for image in images]
-        batch, single, as_tensor = _rgb_batch(images)
-        labels = torch.cat([self.labels(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
-        labels = labels[0] if single else labels
-        return labels.to(images.device) if as_tensor else labels.cpu().numpy()
+            return self._predict(list(images))
+        return self._predict([images])[0]
+
+    def _predict(self, images: list) -> list:
+        inputs = [_rgb_batch(image) for image in images]
+        groups = {}
+        for index, (batch, _, _) in enumerate(inputs):
+            groups.setdefault((tuple(batch.shape[1:]), batch.dtype, batch.device), []).append(index)
+        results = [None] * len(images)
+        for indices in groups.values():
+            batch = torch.cat([inputs[i][0] for i in indices])
+            labels = torch.cat([self.labels(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+            for i, part in zip(indices, labels.split([len(inputs[i][0]) for i in indices])):
+                _, single, as_tensor = inputs[i]
+                part = part[0] if single else part
+                results[i] = part.to(images[i].device) if as_tensor else part.cpu().numpy()
+        return results
 
     def labels(self, rgb: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] RGB 0-255 (any dtype, any device) -> [N, H, W] class indices on the model's device."""
@@ -87,7 +99,10 @@ def load(checkpoint, device=None, mode: str | None = None, dtype: torch.dtype | 
          batch_size: int = 4) -> Segmenter:
     """The checkpoint's ICNet (fused build) as a Segmenter, on device (default: a GPU if there is one), in
     dtype (default: the fastest for the device). mode overrides the checkpoint's sub4 / sub24 / sub124."""
-    device = torch.device(device) if device is not None else best_device()
+    try:
+        device = torch.device(device) if device is not None else best_device()
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
     model, payload = load_checkpoint(checkpoint, mode=mode)
     fastest_dtype, channels_last = best_settings(device)
     names = payload["class_names"] or _default_names(model.num_classes)
