@@ -5,7 +5,8 @@ python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/result
 
 Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, BatchNorm folded), sharing one
 random state_dict. Runners (RUNNERS, in this order unless --runners names others): eager, both builds; on a
-GPU CUDA-graph replay of the fused build with its default (native CUDA) and its Triton kernels, and for
+GPU CUDA-graph replay of the fused build with its default (native CUDA) and its Triton kernels, the static
+inference plan (icnet.plan, benchmarks.e2e_plan) returning logits and returning labels, and for
 the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
 (max-autotune), and the reference's torch.compile max-autotune last; on a CPU ONNX Runtime and OpenVINO running
 the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import compile_cache, e2e_onnx, layer_groups, network_cost, plot, report, roofline, timing
+from benchmarks import compile_cache, e2e_onnx, e2e_plan, layer_groups, network_cost, plot, report, roofline, timing
 from benchmarks.case import dtype_name
 from icnet import ICNet
 from icnet.graphs import CudaGraphRunner
@@ -140,6 +141,9 @@ RUNNERS: dict[str, Runner] = {
     "fused-cuda-graph": Runner(lambda models: models["fused"], CudaGraphRunner, _on_gpu),
     "fused-triton-cuda-graph": Runner(lambda models: with_backend(models["fused"], "triton"), CudaGraphRunner,
                                       _on_gpu),
+    # the static inference plan (benchmarks.e2e_plan): logits, and the labels without logits
+    "plan": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=False), _on_gpu),
+    "plan-labels": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=True), _on_gpu),
     "reference-compile": Runner(lambda models: models["reference"], _compiled(None),
                                 lambda config, device: _on_gpu(config, device) and _goal(config), compiles=True),
     "fused-compile-max-autotune": Runner(lambda models: models["fused"], _compiled("max-autotune"),
@@ -192,7 +196,7 @@ def build_and_check(runner: Runner, model: torch.nn.Module, x: torch.Tensor, exp
     if on_gpu:
         torch.cuda.synchronize(x.device)
     compile_s = time.perf_counter() - start
-    agreement = (first.argmax(1) == expected).float().mean().item()
+    agreement = (e2e_plan.predicted_labels(first) == expected).float().mean().item()
     if not on_gpu:
         return fn, compile_s, agreement, None
     if not isinstance(fn, CudaGraphRunner):

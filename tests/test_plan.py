@@ -9,7 +9,9 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import icnet_kernels
+from benchmarks import e2e_plan
 from icnet import ICNet
+from icnet.graphs import weights_version
 from icnet.layers import caffe_resize
 from icnet.plan import InferencePlan, exact_head_zoom, shrink2
 from tests.helpers import LAYOUTS, in_layout
@@ -149,3 +151,29 @@ def test_plan_refuses_bad_builds_by_name():
         InferencePlan(model, torch.randn(1, 3, *INEXACT), cuda_graph=True)
     with pytest.raises(ValueError, match="model"):
         InferencePlan(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, *INEXACT))
+
+
+def test_without_triton_the_head_classifies_first_and_zooms_in_aten(monkeypatch):
+    """Where Triton cannot run (a CPU without the interpreter) the exact head is ATen's classifier on the
+    small map and one zoom: the same values as the reference build."""
+    image, expected, plan, labels_plan = built("sub124", EXACT)
+    monkeypatch.setattr("icnet.plan.triton_usable", lambda device: False)
+    names = ops_of_a_call(plan, image)
+    assert "segmentation_head_triton" not in names and names.count("upsample_bilinear2d") == 1
+    torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    assert (labels_plan(image) == expected.argmax(1)).float().mean() >= 0.998
+
+
+def test_benchmark_runner_builds_under_inference_mode():
+    """The end-to-end benchmark builds its runners under torch.inference_mode: the plan's tensors must stay
+    ordinary ones, whose version counters a CUDA graph runner reads."""
+    model = reference_model("sub4")
+    image = torch.randn(1, 3, *INEXACT)
+    with torch.inference_mode():
+        plan = e2e_plan.plan_runner(labels=True)(model, image)
+        labels = plan(image)
+    assert weights_version(list(plan.network.modules()))
+    with torch.no_grad():
+        expected = model(image).argmax(1)
+    assert labels.dtype == torch.uint8 and (e2e_plan.predicted_labels(labels) == expected).float().mean() >= 0.998
+    assert torch.equal(e2e_plan.predicted_labels(model(image)), model(image).argmax(1))

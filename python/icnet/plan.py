@@ -34,6 +34,7 @@ import icnet_kernels
 from icnet.graphs import CudaGraphRunner
 from icnet.layers import Bottleneck, ConvBN, caffe_resize, fused_epilogue
 from icnet.model import ICNet, PyramidPooling
+from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
 from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, flat_weight_high, fold_bias,
@@ -141,11 +142,14 @@ class PlanHead(nn.Module):
 
     def forward(self, features, size, image_size):
         zoom = exact_head_zoom(features.shape[-2:], size, image_size)
-        if zoom is not None:
+        if zoom is not None and triton_usable(features.device):
             head = icnet_kernels.segmentation_head_labels if self.labels else icnet_kernels.segmentation_head
-            return head(features, self.weight, self.bias, zoom)
-        logits = caffe_resize(F.conv2d(caffe_resize(features, size=size), self.weight[:, :, None, None], self.bias),
-                              size=image_size)
+            return head(features, self.weight, self.bias, zoom, backend="triton")
+        classifier = self.weight[:, :, None, None]
+        if zoom is not None:  # no Triton here: classify the small map, then the same single zoom in ATen
+            logits = caffe_resize(F.conv2d(features, classifier, self.bias), zoom=zoom)
+        else:
+            logits = caffe_resize(F.conv2d(caffe_resize(features, size=size), classifier, self.bias), size=image_size)
         return logits.argmax(1).to(torch.uint8) if self.labels else logits
 
 
@@ -233,7 +237,9 @@ class InferencePlan:
             raise ValueError(f"cuda_graph needs a CUDA example, got one on {example.device}")
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
         self.layout, self.labels = memory_format_of(example), labels
-        with torch.no_grad():
+        # Ordinary tensors even when built under inference mode (a benchmark's): a CUDA graph and the Triton
+        # weight layouts check their weights' version counters, which inference tensors do not have.
+        with torch.inference_mode(False), torch.no_grad():
             self.network = PlanNetwork(model, example, labels, cff_backend).eval()
         self.runner = None
         if cuda_graph or (cuda_graph is None and example.device.type == "cuda"):
