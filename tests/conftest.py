@@ -50,3 +50,19 @@ def nan_device_memory():
     torch.cuda.synchronize()
     del large, small
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The share of random examples each kernel path got (tests.helpers.record_path), so a run shows that
+    every path was exercised."""
+    from tests.helpers import PATH_TALLY
+
+    if not PATH_TALLY:
+        return
+    terminalreporter.section("random examples per kernel path")
+    cases = sorted({case for case, _ in PATH_TALLY})
+    for case in cases:
+        counts = {path: n for (c, path), n in PATH_TALLY.items() if c == case}
+        total = sum(counts.values())
+        shares = ", ".join(f"{path} {n} ({100 * n / total:.0f}%)" for path, n in sorted(counts.items()))
+        terminalreporter.write_line(f"{case}: {shares}")

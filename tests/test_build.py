@@ -26,3 +26,16 @@ def test_cuda_kernels_are_compiled_in():
     assert icnet_kernels.native_cuda_available()
     for op in ("pyramid_pool_sum", "pyramid_pool_sum_backward", "cascade_feature_fusion"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"icnet::{op}", "CUDA"), op
+
+
+def test_the_install_holds_only_the_project_packages():
+    """benchmarks/ and scripts/ are tools of the repository, run from a checkout (python -m benchmarks.run),
+    not top-level packages for site-packages."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [p for where in config["where"] for p in find_packages(str(root / where), include=config["include"])]
+    assert packages and all(p.split(".")[0] in ("icnet_kernels", "icnet") for p in packages), packages

@@ -181,3 +181,21 @@ def test_non_finite_input_contract(backend, device, g, case, value):
     torch.testing.assert_close(out[~region], reference(clean, g)[~region], rtol=1e-4, atol=1e-5)
     if name in ("low", "high") and value != value:
         assert torch.equal(out.isnan(), reference(inputs, g).isnan())
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("g", [Geometry(1, 3, 2, 4, 5, 5, 6, 6, 1, False), Geometry(1, 3, 2, 4, 2, 2, 6, 6, 1, True)],
+                         ids=["blocked-or-general", "tap-first-or-general"])
+def test_dilation_beyond_the_map_reads_only_the_centre_tap(backend, device, g):
+    """A side tap at offset +-d >= the map's extent reads only zero padding: the result is the centre tap's
+    1x1 conv, and no memory is spent on the padding (a dilation of a million once exhausted the host's)."""
+    inputs = make_inputs(g, device=device, seed=8)
+    for dilation in (7, 50, 10**6):
+        out = run_fused(backend, inputs, replace(g, dilation=dilation))
+        centre = {**inputs, "weight_low": torch.zeros_like(inputs["weight_low"])}
+        centre["weight_low"][:, :, 1, 1] = inputs["weight_low"][:, :, 1, 1]
+        expected = reference(as_float64(centre), replace(g, dilation=1))
+        assert_within_budget(out, expected, reference(centre, replace(g, dilation=1)), ATOL[torch.float32],
+                             f"dilation {dilation}")
+    torch.testing.assert_close(run_fused(backend, inputs, replace(g, dilation=50)),
+                               reference(inputs, replace(g, dilation=50)), rtol=1e-5, atol=1e-5)

@@ -124,3 +124,41 @@ def test_module_state_dict_matches_plain_layers():
     assert module.conv_low.bias is None and module.conv_high.bias is None
 
 
+
+
+class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reaches the dispatcher's kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in backend_cases() if c.values[0] == "native"])
+def test_cached_inference_call_dispatches_the_fused_op_alone(backend, device):
+    """After the first inference call the folded weights are kept: a call does no host-side folding."""
+    module = random_module(5, 3, 6, seed=6).to(device).eval()
+    low, high = torch.randn(2, 5, 4, 6, device=device), torch.randn(2, 3, 7, 11, device=device)
+    with torch.inference_mode():
+        first = module(low, high)
+        with DispatchedOps() as mode:
+            second = module(low, high)
+    assert mode.ops == ["icnet.cascade_feature_fusion"]
+    assert torch.equal(first, second)
+
+
+def test_kept_folded_weights_follow_parameter_changes():
+    module = random_module(5, 3, 6, seed=7).eval()
+    low, high = torch.randn(1, 5, 4, 6), torch.randn(1, 3, 7, 11)
+    with torch.no_grad():
+        module(low, high)
+        module.bn_low.running_var.mul_(4.0)   # in place: the version moves
+        module.conv_high.weight.add_(0.5)
+        out = module(low, high)
+        expected = composition(module, low, high)
+    assert_within_budget(out, composition(copy.deepcopy(module).double(), low.double(), high.double()), expected,
+                         ATOL[torch.float32], "after in-place changes")

@@ -22,10 +22,8 @@ namespace icnet {
 at::Tensor conv3x3_winograd_f2(const at::Tensor& input, const at::Tensor& weight);
 
 // Whether conv3x3_winograd_f2 is expected to beat ATen's direct convolution on this input: when its
-// transformed input and products, 16 floats per tile and channel, fit in 16 MiB. Measured on the AMD EPYC
-// (2 vCPUs) the CPU results come from, in alternation with the direct convolution: CFF sub24's
-// low-resolution conv (256 -> 128 channels, 33x65, 13 MiB transformed) 1.17-1.24x faster; sub12's
-// (128 -> 128, 65x129, 34 MiB) 0.77-0.84x in three of four runs, and sub24 at batch 4 (53 MiB) 0.79x.
+// transformed input and products, 16 floats per tile and channel, fit in 16 MiB: beyond that the transforms
+// stream from memory and lose (the README gives the measurements the threshold comes from).
 bool winograd_f2_pays(const at::Tensor& input, int64_t out_channels);
 
 }  // namespace icnet

@@ -7,10 +7,9 @@
 // conv at low resolution; the full-resolution pass (projection plus a bilinear gather of that conv) for
 // all but the border pixels; the direct conv for the border pixels alone.
 //
-// This kernel accumulates in float32 with CUDA cores. On the H100 it ran ICNet's two fusion units at 1 and
-// 3.5 TFLOP/s in float16; the shortcut in float16 and bfloat16 therefore goes to cuDNN's tensor cores
-// (cuda/cff_shortcut_dense.cu). Tensor-core tiles for the general path are the next step (the Triton
-// kernel already uses them).
+// This kernel accumulates in float32 with CUDA cores, far below the tensor cores' rate, so the shortcut in
+// float16 and bfloat16 goes to cuDNN's tensor cores instead (cuda/cff_shortcut_dense.cu); the Triton
+// kernel uses tensor cores on every path.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

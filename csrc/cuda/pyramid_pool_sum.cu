@@ -1,5 +1,5 @@
 // Summed pyramid pooling on CUDA. A small kernel fills the stacked 1-D reduce/expand matrices of
-// common/pyramid_geometry.h once per call; then one block per (n, c) plane reads the plane once (into
+// common/pyramid_geometry.h once per geometry, device and dtype (kept for later calls); then one block per (n, c) plane reads the plane once (into
 // shared memory when it fits, which is ICNet's case), reduces it to every bin's pooled grid, and writes it
 // once with the resized bins added. Forward and backward differ only in which matrices reduce and expand.
 #include <ATen/Dispatch.h>
@@ -11,6 +11,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
 
 #include "common/pyramid_args.h"
 
@@ -172,6 +177,46 @@ void launch_planes(const at::Tensor& in, at::Tensor& out, const PyramidGeometry&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The filled tables of one geometry, direction, device and dtype.
+struct PyramidTables {
+  at::Tensor tables, bands;
+};
+
+std::vector<int64_t> tables_key(const PyramidGeometry& g, PyramidDirection dir, const at::Tensor& in) {
+  std::vector<int64_t> key{static_cast<int64_t>(dir), in.get_device(), static_cast<int64_t>(in.scalar_type()),
+                           g.num_bins, g.adaptive, g.align_corners, g.length[0], g.length[1]};
+  for (int b = 0; b < g.num_bins; ++b)
+    key.insert(key.end(), {g.bins[b], g.kernel[0][b], g.kernel[1][b], g.stride[0][b], g.stride[1][b]});
+  return key;
+}
+
+// Tables are filled by a kernel on the current stream the first time a geometry is seen and kept, so a
+// later call (and a CUDA graph captured after a first call) launches the pyramid kernel alone. A first
+// call inside a graph capture fills tables for that call only: memory allocated during a capture belongs
+// to the graph.
+template <typename T>
+PyramidTables pyramid_tables(const at::Tensor& in, const PyramidGeometry& g, PyramidDirection dir,
+                             const TableLayout& layout, cudaStream_t stream) {
+  static std::mutex mutex;
+  // never destroyed: tensors freed after the CUDA context has gone at exit would fail
+  static auto* kept = new std::map<std::vector<int64_t>, PyramidTables>();
+  const std::vector<int64_t> key = tables_key(g, dir, in);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto found = kept->find(key); found != kept->end()) return found->second;
+  PyramidTables t{at::empty({layout.total}, in.options().dtype(c10::CppTypeToScalarType<T>::value)),
+                  at::empty({kNumMatrices * g.rows * 2}, in.options().dtype(at::kInt))};
+  fill_pyramid_tables_kernel<T><<<dim3(g.rows, kNumMatrices), kTableThreads, 0, stream>>>(
+      g, dir, layout, t.tables.mutable_data_ptr<T>(), t.bands.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (capture == cudaStreamCaptureStatusNone) {
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // once per geometry: later calls may run on other streams
+    kept->emplace(key, t);
+  }
+  return t;
+}
+
 at::Tensor pyramid_apply_cuda(const at::Tensor& in, c10::IntArrayRef bins, c10::IntArrayRef kernel_sizes,
                               c10::IntArrayRef strides, bool align_corners, PyramidDirection dir, const char* op) {
   const PyramidGeometry g = make_pyramid_geometry(in, bins, kernel_sizes, strides, align_corners, op);
@@ -187,11 +232,9 @@ at::Tensor pyramid_apply_cuda(const at::Tensor& in, c10::IntArrayRef bins, c10::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "pyramid_pool_sum_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    const at::Tensor tables = at::empty({layout.total}, in.options().dtype(c10::CppTypeToScalarType<T>::value));
-    const at::Tensor bands = at::empty({kNumMatrices * g.rows * 2}, in.options().dtype(at::kInt));
-    fill_pyramid_tables_kernel<T><<<dim3(g.rows, kNumMatrices), kTableThreads, 0, stream>>>(
-        g, dir, layout, tables.mutable_data_ptr<T>(), bands.mutable_data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const PyramidTables kept = pyramid_tables<T>(in, g, dir, layout, stream);
+    const at::Tensor& tables = kept.tables;
+    const at::Tensor& bands = kept.bands;
     const int64_t smem_plane = shared_bytes<true, T>(g);
     const int64_t smem_streamed = shared_bytes<false, T>(g);
     if (smem_plane <= max_smem) {

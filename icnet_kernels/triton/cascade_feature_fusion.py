@@ -22,8 +22,8 @@ from icnet_kernels.triton.weight_layout import laid_out
 
 
 # Tiles for float16/bfloat16 (tensor cores) and for float32. float32 runs the dot at full precision
-# ("ieee"), which Triton unrolls into scalar FMAs: large tiles there take minutes to compile and spill, so
-# float32 gets small ones. (128, 128, 64) spilled registers for sm_90 and was dropped.
+# ("ieee"), which Triton unrolls into scalar FMAs: large tiles there compile slowly and spill registers, so
+# float32 gets small ones.
 _HALF_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
                (64, 64, 64, 4, 3)]
 _FLOAT_TILES = [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]

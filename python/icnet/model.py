@@ -149,11 +149,10 @@ class ICNet(nn.Module):
         """The layout of the convolutions over the largest maps (the trunk up to conv3_1, and sub1).
 
         In inference on the CPU the fused build runs them channels_last whatever the image's layout: oneDNN
-        convolves these few-channel, many-pixel maps 1.3-3x faster in it than in NCHW (which it reorders
-        into blocks and back, a pass over each large map), and max pooling runs 10x faster. Their outputs
-        return to the image's layout, so the rest of the network and the result keep it. Measured on a
-        2-vCPU EPYC, sub124 float32 NCHW at 1025x2049: 602 ms -> 467 ms; returning to NCHW after pool1
-        instead of conv3_1 gave 506 ms, after conv2 486 ms."""
+        convolves these few-channel, many-pixel maps faster in it than in NCHW (which it reorders into blocks
+        and back, a pass over each large map), and max pooling much faster (the README has the figures).
+        Their outputs return to the image's layout after conv3_1, where returning measured best, so the rest
+        of the network and the result keep it."""
         if self.fused and not self.training and image.device.type == "cpu":
             return torch.channels_last
         return memory_format_of(image)
