@@ -3,7 +3,7 @@ OpenVINO running its ONNX export (benchmarks.e2e_onnx), timed in alternating rou
 
 python -m benchmarks.cpu_peers [--batches 1 4] [--dtypes float32 bfloat16] [--repeats 2] [--out DIR]
 
-Per repeat, for each batch and dtype (sub124 at 1025x2049, NCHW, the same random weights as
+For each dtype and batch, repeated (sub124 at 1025x2049, NCHW, the same random weights as
 benchmarks.icnet_e2e): the fused build run eagerly and the two runtimes, timed together by
 benchmarks.icnet_e2e.run_config (its rows: p20/p50/p80, argmax agreement with the reference build, the
 roofline fields, and the fused build's layer_groups_ms, hook spans); then each runtime profiled on its own,
@@ -14,6 +14,7 @@ prints p50 per repeat with each runner's ratio to the fused build of the same re
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     run_meta = (report.meta(device, peaks.gbps, peaks.dense_rates, peaks.tflops, False)
                 | {"benchmark": "icnet end to end, CPU peers", "input_size": list(args.input_size),
                    "roofline_peaks": peaks.describe(), "peer_versions": _versions(), "cpu_flags": cpu_flags(),
+                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                    "layer_groups_ms": "peers: medians of per-call sums of node times from the runtime's profiler; "
                                       "fused-eager: hook spans (benchmarks.layer_groups)"})
     path = args.out / f"icnet-cpu-peers-{report.slug(report.device_name(device))}.json"
@@ -111,8 +113,8 @@ def main(argv=None) -> int:
         rows.append(row)
         report.write_json(path, run_meta, rows)
 
-    for repeat in range(1, args.repeats + 1):
-        for config in configs:
+    for config in configs:  # the repeats of a configuration back to back, so a run cut short has compared some
+        for repeat in range(1, args.repeats + 1):
             run_peers(config, repeat, peaks, on_row)
     print(format_peers(rows))
     log.info("wrote %s", path)
