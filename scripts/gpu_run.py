@@ -184,7 +184,10 @@ def summarize_rows(path: Path) -> dict:
     """The result rows of a benchmark's results file, cut to what says whether and how each one ran."""
     if not path.exists():
         return {"rows": 0}
-    rows = json.loads(path.read_text())["rows"]
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError) as exc:  # a file cut off mid-write by the stage's time limit
+        return {"rows": 0, "unreadable": f"{type(exc).__name__}: {exc}"}
     keep = ("op", "variant", "shape", "mode", "batch", "dtype", "layout", "provider", "runner", "p50_ms",
             "compile_s", "max_rel_err", "argmax_agreement", "speedup_vs_eager", "speedup_vs_reference_eager",
             "epilogue_fallbacks", "error")
@@ -241,7 +244,10 @@ class Driver:
             elif stage.limit_s < MIN_STAGE_S:
                 stage.status, stage.reason = "skipped", f"the run's budget is spent ({remaining:.0f} s left)"
             else:
-                getattr(self, f"stage_{name}")(stage)
+                try:
+                    getattr(self, f"stage_{name}")(stage)
+                except Exception as exc:  # the driver's own failure: the bundle still says what happened
+                    stage.status, stage.reason = "failed", f"driver: {type(exc).__name__}: {exc}"
             print(f"== {name}: {stage.status} in {stage.seconds:.0f} s (limit {stage.limit_s:.0f} s)"
                   + (f": {stage.reason}" if stage.reason else ""), file=sys.stderr, flush=True)
             self.bundle()
@@ -257,7 +263,7 @@ class Driver:
             return "CPU mode: the installed extension is used (the GPU run builds it for sm_90)"
         if name == "preflight" or self.environment.get("cuda_available") or self.cpu:
             return None
-        return "no GPU is visible to torch"
+        return "no GPU is visible to torch" if self.environment else "the preflight failed (see its log)"
 
     def _install_wheels(self) -> None:
         wheels = sorted(glob.glob(str(REPO / ".whl" / "*.whl")))
@@ -288,8 +294,12 @@ class Driver:
         else:
             stage.reason = "nvidia-smi not found"
         start = time.monotonic()
-        result = subprocess.run([sys.executable, "-c", PREFLIGHT], cwd=REPO, env=self.env, capture_output=True,
-                                text=True, timeout=stage.limit_s)
+        try:
+            result = subprocess.run([sys.executable, "-c", PREFLIGHT], cwd=REPO, env=self.env, capture_output=True,
+                                    text=True, timeout=stage.limit_s)
+        except subprocess.TimeoutExpired:
+            stage.status, stage.reason = "timeout", "importing torch and the extension took too long"
+            return
         with open(log, "a") as out:
             out.write(result.stdout + result.stderr)
         stage.seconds = round(time.monotonic() - start, 1)
