@@ -220,7 +220,8 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
     models = build_models(config, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, config.size)
-    x = (torch.randn(config.batch, 3, *config.size, device=device) * 60).to(config.dtype).contiguous(memory_format=layout)
+    x = torch.randn(config.batch, 3, *config.size, device=device) * 60
+    x = x.to(config.dtype).contiguous(memory_format=layout)
     pending = []  # (row, callable, model) built but not yet timed
 
     def finish(built):

@@ -152,7 +152,9 @@ def parse_junit(path: Path) -> dict | None:
     return counts | {"failures": failures}
 
 
-_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b.*?(tests/\S+::\S+)|(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+_OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+# xdist's "[gw0] [ 50%] PASSED tests/x.py::t" and plain pytest's "tests/x.py::t PASSED"
+_OUTCOME = re.compile(rf"\b({_OUTCOMES})\b.*?(tests/\S+::\S+)|(tests/\S+::\S+) ({_OUTCOMES})")
 
 
 def parse_pytest_log(text: str) -> dict:
