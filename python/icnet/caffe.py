@@ -105,9 +105,9 @@ def _floats(value, wire: int, dtype: str) -> np.ndarray:
         if len(value) % size:
             raise CaffeModelError(f"packed data of {len(value)} bytes is not a whole number of values")
         return np.frombuffer(value, dtype=dtype)
-    if wire in (FIXED32, FIXED64):  # one unpacked value, its bits as read
+    if wire == (FIXED32 if np.dtype(dtype).itemsize == 4 else FIXED64):  # one unpacked value, its bits as read
         return np.array([value], dtype=np.uint32 if wire == FIXED32 else np.uint64).view(dtype)
-    raise CaffeModelError(f"blob data of wire type {wire}")
+    raise CaffeModelError(f"blob data of wire type {wire} for {np.dtype(dtype).name} values")
 
 
 def _text(value: memoryview, what: str) -> str:

@@ -24,6 +24,7 @@ BOTTLENECK_PARTS = {"reduce": "1x1_reduce", "conv3x3": "3x3", "increase": "1x1_i
 INPUT_SCALE = "data_sub1"
 IMAGE_CONVS = ("conv1_1_3x3_s2", "conv1_sub1")
 BN_SUFFIX = "/bn"
+CAFFE_BN_EPS = 1e-5  # PSPNet-Caffe's BNParameter default; the released prototxts set none
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def convert_caffemodel(path, allow_extra: bool = False) -> tuple[ICNet, Conversi
     layers = _layers_by_name(read_caffemodel(path))
     classifier = layers.get("conv6_cls")
     if classifier is None or not classifier.blobs or classifier.blobs[0].ndim != 4:
-        raise CaffeModelError(f"{path} has no classifier layer conv6_cls: not the released ICNet")
+        raise CaffeModelError(f"{path} has no classifier layer conv6_cls with a 4-D weight: not the released ICNet")
     model = ICNet(num_classes=classifier.blobs[0].shape[0], width=0.5, mode="sub124").eval()
     expected = model.state_dict()
     table = released_convolutions(model)
@@ -117,7 +118,7 @@ def convert_caffemodel(path, allow_extra: bool = False) -> tuple[ICNet, Conversi
 
     values = {}
     for mapping in table:
-        values.update(_convolution(layers, mapping, expected, variant, report))
+        values.update(_convolution(layers, mapping, model, expected, variant, report))
     report.input_scale = _fold_input_scale(layers.get(INPUT_SCALE), values, table)
     report.untrained = [key for key in expected if key not in values and not key.endswith("num_batches_tracked")]
     model.load_state_dict({**expected, **{key: torch.from_numpy(value) for key, value in values.items()}})
@@ -142,15 +143,15 @@ def _layers_by_name(layers: list[CaffeLayer]) -> dict[str, CaffeLayer]:
     return by_name
 
 
-def _convolution(layers, mapping: ConvMapping, expected, variant: str, report: ConversionReport) -> dict:
+def _convolution(layers, mapping: ConvMapping, model: ICNet, expected, variant: str,
+                 report: ConversionReport) -> dict:
     layer = layers[mapping.caffe]
     if layer.type not in ("Convolution", ""):
         raise CaffeModelError(f"layer {layer.name!r} is a {layer.type} layer, expected a Convolution")
     has_own_bias = mapping.bn is None or variant == "merged"
-    count = 2 if has_own_bias else 1
     if len(layer.blobs) not in (1, 2) or (has_own_bias and len(layer.blobs) != 2):
-        raise CaffeModelError(f"layer {layer.name!r} has {len(layer.blobs)} blob(s), expected {count} "
-                              f"({'weight, bias' if count == 2 else 'weight'})")
+        wanted = "2 (weight, bias)" if has_own_bias else "1 (weight) or 2 (weight, bias)"
+        raise CaffeModelError(f"layer {layer.name!r} has {len(layer.blobs)} blob(s), expected {wanted}")
     weight = _shaped(layer, 0, tuple(expected[mapping.weight].shape))
     channels = weight.shape[0]
     bias = _vector(layer, 1, channels) if len(layer.blobs) == 2 else np.zeros(channels, np.float32)
@@ -160,8 +161,8 @@ def _convolution(layers, mapping: ConvMapping, expected, variant: str, report: C
         report.mapped.append((layer.name, [mapping.weight, mapping.bias]))
         return values
     bn = {name: f"{mapping.bn}.{name}" for name in ("weight", "bias", "running_mean", "running_var")}
+    eps = model.get_submodule(mapping.bn).eps
     if variant == "merged":  # the bias alone, through a BatchNorm that is the identity
-        eps = 1e-5
         values |= {bn["weight"]: np.ones(channels, np.float32), bn["bias"]: bias,
                    bn["running_mean"]: np.zeros(channels, np.float32),
                    bn["running_var"]: np.full(channels, 1 - eps, np.float32)}
@@ -174,8 +175,10 @@ def _convolution(layers, mapping: ConvMapping, expected, variant: str, report: C
     slope, shift, mean, variance = (_vector(norm, i, channels) for i in range(4))
     if (variance < 0).any():
         raise CaffeModelError(f"layer {norm.name!r} has a negative variance")
-    # a bias on the convolution before a BN layer moves the mean it subtracts
-    values |= {bn["weight"]: slope, bn["bias"]: shift, bn["running_mean"]: mean - bias, bn["running_var"]: variance}
+    # a bias on the convolution before a BN layer moves the mean it subtracts; the variance carries the
+    # difference of the two eps, so that variance + eps is Caffe's
+    values |= {bn["weight"]: slope, bn["bias"]: shift, bn["running_mean"]: mean - bias,
+               bn["running_var"]: variance + np.float32(CAFFE_BN_EPS - eps)}
     report.mapped.append((layer.name, [mapping.weight]))
     report.mapped.append((norm.name, list(bn.values())))
     return values
