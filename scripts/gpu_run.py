@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # (stage, the most seconds it may take); the run's budget caps each further.
 PLANS = {
-    "first": (("preflight", 30), ("build", 180), ("tests", 120), ("memcheck", 60), ("ops", 75), ("e2e", 480)),
+    "first": (("preflight", 30), ("build", 240), ("tests", 120), ("memcheck", 75), ("ops", 75), ("e2e", 480)),
     "batch16": (("preflight", 30), ("build", 120), ("e2e", 480)),
     "cpu": (("preflight", 30), ("build", 0), ("tests", 120), ("memcheck", 60), ("ops", 90), ("e2e", 120)),
 }
@@ -175,11 +175,14 @@ def parse_pytest_log(text: str) -> dict:
 
 
 def parse_memcheck(text: str) -> dict:
-    """compute-sanitizer's error count and the cases' verdicts from the memcheck log."""
+    """compute-sanitizer's error count (its summary, printed at exit), the errors it reported as they came
+    (all there is when the stage was stopped) and the cases' verdicts, from the memcheck log."""
     summary = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    reported = re.findall(r"^========= (Invalid .*|Program hit .*|Malformed .*|Misaligned .*)$", text, flags=re.MULTILINE)
     cases = re.findall(r"^(ok|FAIL) (\S+)", text, flags=re.MULTILINE)
-    return {"sanitizer_errors": int(summary[-1]) if summary else None,
-            "cases_run": len(cases), "cases_failed": [name for verdict, name in cases if verdict == "FAIL"]}
+    return {"sanitizer_errors": int(summary[-1]) if summary else None, "errors_reported": len(reported),
+            "first_errors": reported[:5], "cases_run": len(cases),
+            "cases_failed": [name for verdict, name in cases if verdict == "FAIL"]}
 
 
 def summarize_rows(path: Path) -> dict:
@@ -341,7 +344,7 @@ class Driver:
         if packages.get("xdist"):
             args[2:2] = ["-n", str(min(8, os.cpu_count() or 1))]
         if packages.get("pytest_timeout"):
-            args[2:2] = ["--timeout", "120"]
+            args[2:2] = ["--timeout", "60"]
         return args
 
     def junit_file(self) -> Path:

@@ -128,14 +128,16 @@ def run_fusion(case: FusionCase, dtype: torch.dtype, layout: str, device: torch.
 
 
 def all_cases(dtypes=DTYPES, layouts=LAYOUTS):
-    """(name, runner, case, dtype, layout) for every combination; the fusion cases, whose CUDA paths are the
-    newest, first."""
-    for op, run, cases in (("cascade_feature_fusion", run_fusion, FUSION_CASES),
-                           ("pyramid_pool_sum", run_pyramid, PYRAMID_CASES)):
-        for case in cases:
-            for dtype in dtypes:
-                for layout in layouts:
-                    yield f"{op}/{case.name}/{str(dtype).removeprefix('torch.')}/{layout}", run, case, dtype, layout
+    """(name, runner, case, dtype, layout) for every combination, in passes over all cases with one dtype
+    and layout each, so that a run stopped early has reached every kernel path in some dtype: float32 NCHW,
+    float16 channels_last and bfloat16 strided first."""
+    combos = [(dtype, layout) for dtype in dtypes for layout in layouts]
+    first = list(zip(dtypes, layouts))
+    for dtype, layout in first + [combo for combo in combos if combo not in first]:
+        for op, run, cases in (("cascade_feature_fusion", run_fusion, FUSION_CASES),
+                               ("pyramid_pool_sum", run_pyramid, PYRAMID_CASES)):
+            for case in cases:
+                yield f"{op}/{case.name}/{str(dtype).removeprefix('torch.')}/{layout}", run, case, dtype, layout
 
 
 def main(argv=None) -> int:

@@ -126,7 +126,7 @@ def test_the_gpu_tests_run_in_parallel_under_a_per_test_timeout(tmp_path):
     args = driver.tests_args()
     assert args[:2] == ["-m", "pytest"]
     value = {option: args[args.index(option) + 1] for option in ("-p", "--timeout", "-n", "-k", "--ignore-glob")}
-    assert value["-p"] == "no:cacheprovider" and value["--timeout"] == "120" and int(value["-n"]) >= 1
+    assert value["-p"] == "no:cacheprovider" and value["--timeout"] == "60" and int(value["-n"]) >= 1
     assert value["-k"] == "cuda or gpu" and value["--ignore-glob"] == "tests/test_gpu_driver*"
     driver.environment["packages"] = {}
     assert "-n" not in driver.tests_args() and "--timeout" not in driver.tests_args()
@@ -162,9 +162,11 @@ def test_test_outcomes_come_from_junit_or_else_from_the_log(tmp_path):
 
 def test_memcheck_log_gives_the_sanitizer_errors_and_each_case():
     log = ("========= COMPUTE-SANITIZER\nok cascade_feature_fusion/a/float32/strided max_abs_err=1e-06 (0.1 s)\n"
+           "========= Invalid __global__ read of size 4 bytes\n=========     at icnet::kernel+0x10\n"
            "FAIL pyramid_pool_sum/b/float16/contiguous RuntimeError: x (0.2 s)\n========= ERROR SUMMARY: 3 errors\n")
-    assert gpu_run.parse_memcheck(log) == {"sanitizer_errors": 3, "cases_run": 2,
-                                           "cases_failed": ["pyramid_pool_sum/b/float16/contiguous"]}
+    assert gpu_run.parse_memcheck(log) == {
+        "sanitizer_errors": 3, "errors_reported": 1, "first_errors": ["Invalid __global__ read of size 4 bytes"],
+        "cases_run": 2, "cases_failed": ["pyramid_pool_sum/b/float16/contiguous"]}
     assert gpu_run.parse_memcheck("killed")["sanitizer_errors"] is None
 
 
