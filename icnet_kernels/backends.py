@@ -40,3 +40,15 @@ def choose_backend(backend: str | None, x: torch.Tensor) -> str:
             f"backend='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
             f"triton is imported; got a tensor on {x.device}")
     return backend
+
+
+def choose_triton_or_reference(backend: str | None, x: torch.Tensor, op: str) -> str:
+    """The backend of an op with a Triton kernel and no compiled one: by default Triton wherever it runs (a
+    GPU, or the interpreter) unless ICNET_BACKEND says "reference", else the reference."""
+    if backend is None:
+        backend = os.environ.get("ICNET_BACKEND") or None
+        if backend != "reference":
+            backend = "triton" if triton_usable(x.device) else "reference"
+    elif backend == "native":
+        raise ValueError(f"backend: {op} has no native kernel; use 'triton', 'reference' or None")
+    return choose_backend(backend, x)

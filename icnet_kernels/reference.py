@@ -116,3 +116,8 @@ def segmentation_head_reference(features: torch.Tensor, weight: torch.Tensor, bi
                        align_corners=True)
     logits = F.conv2d(up, weight.reshape(weight.shape[0], -1, 1, 1), bias)
     return logits.argmax(1).to(torch.uint8) if labels else logits
+
+
+def max_pool_reference(x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
+    """Max pooling as ATen computes it (floor mode, no dilation): the values, without indices."""
+    return F.max_pool2d(x, kernel_size, stride, padding)

@@ -114,13 +114,15 @@ def ops_of_a_call(plan, image):
 
 
 def test_a_call_at_an_exact_size_folds_nothing_and_resizes_nothing():
-    """BatchNorm is folded at build time, the shrinks are strided reads and the head is one kernel: a call
-    runs no normalisation arithmetic and no bilinear resize. The same count at an inexact size sees the
+    """BatchNorm is folded at build time, the shrinks are strided reads, the head is one kernel and max
+    pooling keeps no indices: a call runs no normalisation arithmetic, no bilinear resize and no ATen max
+    pooling. The same count at an inexact size sees the
     resizes, so the check can fail."""
     image, _, plan, _ = built("sub124", EXACT)
     names = ops_of_a_call(plan, image)
-    assert "segmentation_head_triton" in names
-    assert not {"upsample_bilinear2d", "rsqrt", "batch_norm", "native_batch_norm"} & set(names), sorted(set(names))
+    assert "segmentation_head_triton" in names and "max_pool_triton" in names
+    assert not {"upsample_bilinear2d", "rsqrt", "batch_norm", "native_batch_norm", "max_pool2d",
+                "max_pool2d_with_indices"} & set(names), sorted(set(names))
     image, _, plan, _ = built("sub124", INEXACT, seed=1)
     assert "upsample_bilinear2d" in ops_of_a_call(plan, image)
 

@@ -12,12 +12,10 @@
   segmentation_head_reference's ATen ops); the labels are integers and have no gradient.
 """
 
-import os
-
 import torch
 
 from icnet_kernels import reference
-from icnet_kernels.backends import choose_backend, triton_usable
+from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.arguments import exact_int, require
 from icnet_kernels.ops.cascade_feature_fusion import flat_weight_high
@@ -26,6 +24,12 @@ INT32_MAX = 2**31 - 1
 MAX_ZOOM = 64  # the kernel unrolls its loop over a program's zoom output rows
 MAX_LABEL_CLASSES = 256  # labels are uint8
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def zoomed_size(features, zoom) -> tuple[int, int]:
+    """The output's spatial size: (h-1)*zoom+1 by (w-1)*zoom+1."""
+    h, w = features.shape[-2:]
+    return (h - 1) * zoom + 1, (w - 1) * zoom + 1
 
 
 def check_segmentation_head_args(features, weight, bias, zoom: int, labels: bool, kernel: bool = True) -> None:
@@ -50,7 +54,7 @@ def check_segmentation_head_args(features, weight, bias, zoom: int, labels: bool
     require(c > 0, f"{op}: weight must have at least one class")
     require(bias.dim() == 1 and bias.shape[0] == c, f"{op}: bias must be [{c}], got {list(bias.shape)}")
     require(1 <= zoom <= MAX_ZOOM, f"{op}: zoom must be in [1, {MAX_ZOOM}], got {zoom}")
-    height, width = (h - 1) * zoom + 1, (w - 1) * zoom + 1
+    height, width = zoomed_size(features, zoom)
     require(height * width <= INT32_MAX, f"{op}: the zoomed size {height}x{width} is too large")
     if labels:
         require(c <= MAX_LABEL_CLASSES,
@@ -63,23 +67,12 @@ def _tensor_argument(name: str, value) -> torch.Tensor:
     return value
 
 
-def _backend(backend: str | None, features: torch.Tensor) -> str:
-    """Triton wherever it runs, else the reference; "native" names no kernel of this op."""
-    if backend is None:
-        backend = os.environ.get("ICNET_BACKEND") or None
-        if backend != "reference":
-            backend = "triton" if triton_usable(features.device) else "reference"
-    elif backend == "native":
-        raise ValueError("backend: the segmentation head has no native kernel; use 'triton', 'reference' or None")
-    return choose_backend(backend, features)
-
-
 def _run(features, weight, bias, zoom, labels: bool, backend):
     features, weight, bias = (_tensor_argument(name, t) for name, t in
                               (("features", features), ("weight", weight), ("bias", bias)))
     zoom = exact_int("zoom", zoom)
     weight = flat_weight_high(weight)
-    backend = _backend(backend, features)
+    backend = choose_triton_or_reference(backend, features, "the segmentation head")
     if backend == "reference":
         check_segmentation_head_args(features, weight, bias, zoom, labels, kernel=False)
         return reference.segmentation_head_reference(features, weight, bias, zoom, labels)
@@ -125,23 +118,18 @@ def segmentation_head_labels_triton_op(features: torch.Tensor, weight: torch.Ten
     return _run_triton(features, weight, bias, zoom, True)
 
 
-def _zoomed_size(features, zoom) -> tuple[int, int]:
-    h, w = features.shape[-2:]
-    return (h - 1) * zoom + 1, (w - 1) * zoom + 1
-
-
 @segmentation_head_triton_op.register_fake
 def segmentation_head_fake(features, weight, bias, zoom):
     """Shape, dtype and layout of the logits, after the same checks as the kernel."""
     check_segmentation_head_args(features, weight, bias, zoom, False)
-    return torch.empty((features.shape[0], weight.shape[0], *_zoomed_size(features, zoom)), dtype=features.dtype,
+    return torch.empty((features.shape[0], weight.shape[0], *zoomed_size(features, zoom)), dtype=features.dtype,
                        device=features.device, memory_format=memory_format_of(features))
 
 
 @segmentation_head_labels_triton_op.register_fake
 def segmentation_head_labels_fake(features, weight, bias, zoom):
     check_segmentation_head_args(features, weight, bias, zoom, True)
-    return torch.empty((features.shape[0], *_zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
+    return torch.empty((features.shape[0], *zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
 
 
 def _no_backward(ctx, grad):

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from icnet_kernels.cff_geometry import memory_format_of
+from icnet_kernels.ops.segmentation_head import zoomed_size
 from icnet_kernels.triton.weight_layout import laid_out
 
 
@@ -112,7 +113,7 @@ def segmentation_head_triton(features: torch.Tensor, weight: torch.Tensor, bias:
     argmax [N, H', W'] as uint8. weight [C, K] and bias [C] in features' dtype; arguments already checked."""
     n, k, h, w = features.shape
     c = weight.shape[0]
-    height, width = (h - 1) * zoom + 1, (w - 1) * zoom + 1
+    height, width = zoomed_size(features, zoom)
     if labels:
         out = torch.empty((n, height, width), dtype=torch.uint8, device=features.device)
         out_strides = (out.stride(0), 0, out.stride(1), out.stride(2))

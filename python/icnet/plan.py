@@ -13,9 +13,10 @@ of the example decides which of ICNet's exact shortcuts apply:
   and the image's size is (h-1)*zoom+1: icnet_kernels.segmentation_head then classifies and zooms in one
   kernel, and the labels variant writes uint8 labels without writing logits.
 
-The network runs on the fused ops (pyramid pooling, cascade feature fusion on pre-folded weights) and the
-convolutions' fused epilogues (oneDNN post-ops on the CPU, cuDNN conv + bias + residual + ReLU on a
-GPU), chosen once per layer at build: a layer whose fused call raises keeps the plain path. On CUDA the
+The network runs on the fused ops (pyramid pooling, cascade feature fusion on pre-folded weights, max
+pooling without indices where Triton runs) and the convolutions' fused epilogues (oneDNN post-ops on the
+CPU, cuDNN conv + bias + residual + ReLU on a GPU), chosen once per layer at build: a layer whose fused
+call raises keeps the plain path. On CUDA the
 plan captures one CUDA graph (icnet.graphs.CudaGraphRunner) and each call replays it; on the CPU the same
 plan runs eagerly, which is how its arithmetic is tested without a GPU. The CUDA path has not yet run on
 a GPU.
@@ -176,6 +177,8 @@ class PlanNetwork(nn.Module):
         self.conv3_1 = _stage(model.conv3_1, dtype, self.stem, device)
         self.conv3_rest, self.conv4, self.conv5 = (_stage(s, dtype, self.layout, device)
                                                    for s in (model.conv3_rest, model.conv4, model.conv5))
+        # ATen's CUDA max pooling also writes int64 indices for a backward; the Triton op writes values only
+        self.pool_kernel = triton_usable(device)
         self.ppm = PyramidPooling(fused=True)
         self.conv5_4 = PlanConv(model.conv5_4, dtype, self.layout, device)
         classifier = {"sub4": model.cls_sub4, "sub24": model.cls_sub24, "sub124": model.cls_sub124}[self.mode]
@@ -190,7 +193,8 @@ class PlanNetwork(nn.Module):
         x = shrink2(image).contiguous(memory_format=self.stem)
         for conv in self.conv1:
             x = conv(x)
-        x = self.conv2(F.max_pool2d(x, 3, 2, 1))
+        x = icnet_kernels.max_pool(x, 3, 2, 1, backend="triton") if self.pool_kernel else F.max_pool2d(x, 3, 2, 1)
+        x = self.conv2(x)
         conv3_1 = self.conv3_1(x).contiguous(memory_format=self.layout)
         x = self.conv5(self.conv4(self.conv3_rest(shrink2(conv3_1))))
         x = self.conv5_4(self.ppm(x))
