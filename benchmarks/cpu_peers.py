@@ -1,15 +1,16 @@
 """ICNet's fused build against the CPU runtimes a user would deploy it with instead: ONNX Runtime and
 OpenVINO running its ONNX export (benchmarks.e2e_onnx), timed in alternating rounds in one process.
 
-python -m benchmarks.cpu_peers [--batches 1 4] [--dtypes float32 bfloat16] [--repeats 2] [--out DIR]
+python -m benchmarks.cpu_peers [--batches 1 4] [--dtypes float32 bfloat16] [--repeats 2] [--threads N] [--out DIR]
 
 For each dtype and batch, repeated (sub124 at 1025x2049, NCHW, the same random weights as
 benchmarks.icnet_e2e): the fused build run eagerly and the two runtimes, timed together by
 benchmarks.icnet_e2e.run_config (its rows: p20/p50/p80, argmax agreement with the reference build, the
 roofline fields, and the fused build's layer_groups_ms, hook spans); then each runtime profiled on its own,
 its row's layer_groups_ms the medians of per-call sums of node times by layer group and reorder_ms the
-share of its layout reorders. Rows carry the repeat's number. Writes <out>/icnet-cpu-peers-<cpu>.json and
-prints p50 per repeat with each runner's ratio to the fused build of the same repeat.
+share of its layout reorders. Rows carry the repeat's number. Writes <out>/icnet-cpu-peers-<cpu>.json
+(icnet-cpu-peers-<cpu>-<N>-threads.json with --threads N) and prints p50 per repeat with each runner's
+ratio to the fused build of the same repeat.
 """
 
 import argparse
@@ -92,9 +93,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mode", choices=("sub4", "sub24", "sub124"), default="sub124")
     parser.add_argument("--input-size", nargs=2, type=int, default=list(icnet_e2e.INPUT_SIZE), metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, help="intra-op threads of every runner (default: torch's)")
     parser.add_argument("--out", type=Path, default=report.REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     dtypes = [getattr(torch, name) for name in args.dtypes]
     configs = [icnet_e2e.Config(args.mode, batch, dtype, False, tuple(args.input_size))
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                    "layer_groups_ms": "peers: medians of per-call sums of node times from the runtime's profiler; "
                                       "fused-eager: hook spans (benchmarks.layer_groups)"})
-    path = args.out / f"icnet-cpu-peers-{report.slug(report.device_name(device))}.json"
+    threads = "" if args.threads is None else f"-{args.threads}-threads"
+    path = args.out / f"icnet-cpu-peers-{report.slug(report.device_name(device))}{threads}.json"
     rows = []
 
     def on_row(row: dict) -> None:  # written as each row finishes, so a run cut short keeps what it measured
