@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -61,8 +62,9 @@ MUTATIONS = [
     Mutation("triton-cff-tap-ignores-dilation", "Triton CFF: the taps' row offset ignores the dilation",
              (("ys = y + (tap // 3 - 1) * dilation", "ys = y + (tap // 3 - 1)"),),
              (f"{PATHS}::test_cff_triton_path",), prefer="icnet_kernels/triton/cascade_feature_fusion.py"),
-    Mutation("triton-pyramid-store-without-column-mask", "Triton pyramid pooling stores past W in partial tiles",
-             (("mask = h_ok[:, None] & w_ok[None, :]", "mask = h_ok[:, None]"),),
+    Mutation("triton-pyramid-cross-bin-terms", "Triton pyramid pooling: the pooled grid masked to its padding "
+             "only, so bins mix", (("tl.where(bin_of_row[:, None] == bin_of_row[None, :], pooled, 0.0)",
+                                    "tl.where(r_ok[:, None] & r_ok[None, :], pooled, 0.0)"),),
              (f"{PATHS}::test_pyramid_triton_path",), prefer="icnet_kernels/triton/pyramid_pool_sum.py"),
     Mutation("cff-blocked-row-block-count", "CPU CFF blocked path: H / R row blocks, the partial last one dropped",
              (("const int64_t blocks = (s.H + R - 1) / R;", "const int64_t blocks = s.H / R;"),),
@@ -250,7 +252,7 @@ def run_tests(tree: Path, tests: list[str], timeout: float, first_failure_only: 
         for case in ET.parse(junit).getroot().iter("testcase"):
             if case.find("failure") is not None or case.find("error") is not None:
                 failed.append(f"{case.get('classname', '')}::{case.get('name', '')}")
-    return result.returncode, failed, (result.stdout + result.stderr)[-2000:]
+    return result.returncode, failed, (result.stdout + result.stderr)[-8000:]
 
 
 def main(argv=None) -> int:
@@ -338,6 +340,10 @@ def run(args, chosen: list[Mutation]) -> int:
             outcome = Outcome(m, where, "survived")
         elif failed:
             outcome = Outcome(m, where, "killed", killers=failed)
+        elif code < 0:  # no report from pytest: name the test from the fault handler's traceback
+            in_test = re.findall(r'File "[^"]*tests/[^"]+", line \d+ in (test_\w+)', tail)
+            outcome = Outcome(m, where, "killed", f"crashed (signal {-code})"
+                              + (f" in {in_test[-1]}" if in_test else ""))
         else:
             outcome = Outcome(m, where, "killed", f"pytest exit {code}: {tail.strip().splitlines()[-1:]}")
         outcome.seconds = time.monotonic() - t0

@@ -3,7 +3,7 @@ built to reach it, against the float64 reference, under 1, 2 and 3 threads.
 
 The random tests reach some paths only by luck: the CPU CFF kernel's blocked general path, for instance,
 runs only where low has more than half of high's pixels, and whether its last row block is partial depends
-on the thread count (rows per block = min(4096 // W, ceil(N * H / (2 * threads)))). Here each case names the
+on the thread count (blocks are sized so that every thread gets work). Here each case names the
 path it is for, and the CPU cases check that they took it, from the kernels' profiler ranges and the
 shapes of the convolutions they call (the main thread's share of the work: it always runs the first task):
 
