@@ -70,7 +70,6 @@ def max_pool_triton_op(x: torch.Tensor, kernel_size: int, stride: int, padding: 
     return max_pool_triton(x, kernel_size, stride, padding)
 
 
-@max_pool_triton_op.register_fake
 def max_pool_fake(x, kernel_size, stride, padding):
     """Shape, dtype and layout of the output, after the same checks as the kernel."""
     check_max_pool_args(x, kernel_size, stride, padding)
@@ -79,9 +78,19 @@ def max_pool_fake(x, kernel_size, stride, padding):
                        memory_format=memory_format_of(x))
 
 
-def _no_backward(ctx, grad):
+def max_pool_setup_context(ctx, inputs, output):
+    pass
+
+
+def max_pool_backward(ctx, grad):
     raise RuntimeError("icnet::max_pool_triton is inference-only and has no backward (it keeps no indices); "
                        "train through icnet_kernels.max_pool(..., backend='reference')")
 
 
-torch.library.register_autograd(max_pool_triton_op, _no_backward, setup_context=lambda ctx, inputs, output: None)
+def _register():
+    torch.library.register_fake(torch.ops.icnet.max_pool_triton.default)(max_pool_fake)
+    torch.library.register_autograd(torch.ops.icnet.max_pool_triton.default, max_pool_backward,
+                                    setup_context=max_pool_setup_context)
+
+
+_register()

@@ -118,7 +118,6 @@ def segmentation_head_labels_triton_op(features: torch.Tensor, weight: torch.Ten
     return _run_triton(features, weight, bias, zoom, True)
 
 
-@segmentation_head_triton_op.register_fake
 def segmentation_head_fake(features, weight, bias, zoom):
     """Shape, dtype and layout of the logits, after the same checks as the kernel."""
     check_segmentation_head_args(features, weight, bias, zoom, False)
@@ -126,15 +125,25 @@ def segmentation_head_fake(features, weight, bias, zoom):
                        device=features.device, memory_format=memory_format_of(features))
 
 
-@segmentation_head_labels_triton_op.register_fake
 def segmentation_head_labels_fake(features, weight, bias, zoom):
     check_segmentation_head_args(features, weight, bias, zoom, True)
     return torch.empty((features.shape[0], *zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
 
 
-def _no_backward(ctx, grad):
+def segmentation_head_setup_context(ctx, inputs, output):
+    pass
+
+
+def segmentation_head_backward(ctx, grad):
     raise RuntimeError("icnet::segmentation_head_triton is inference-only and has no backward; train through "
                        "icnet_kernels.segmentation_head(..., backend='reference')")
 
 
-torch.library.register_autograd(segmentation_head_triton_op, _no_backward, setup_context=lambda ctx, inputs, output: None)
+def _register():
+    torch.library.register_fake(torch.ops.icnet.segmentation_head_triton.default)(segmentation_head_fake)
+    torch.library.register_fake(torch.ops.icnet.segmentation_head_labels_triton.default)(segmentation_head_labels_fake)
+    torch.library.register_autograd(torch.ops.icnet.segmentation_head_triton.default, segmentation_head_backward,
+                                    setup_context=segmentation_head_setup_context)
+
+
+_register()

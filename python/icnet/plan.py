@@ -79,7 +79,8 @@ class PlanConv(nn.Module):
         self.register_buffer("weight", weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format))
         self.register_buffer("bias", shift.to(device=device, dtype=dtype))
         conv = module.conv  # its hyper-parameters only: the plan keeps no reference to the model's tensors
-        self.conv = SimpleNamespace(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        self.conv = SimpleNamespace(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                    groups=conv.groups)
         self.relu = module.relu
         self.epilogue = fused_epilogue(torch.device(device).type, dtype, lambda: memory_format == torch.channels_last,
                                        self.relu, residual)
@@ -91,7 +92,8 @@ class PlanConv(nn.Module):
                 return self.epilogue(x, self.weight, self.bias, self.conv, self.relu, residual)
             except RuntimeError as error:  # no fused implementation for this layer: the plain path from now on
                 self.epilogue_fallback = f"{self.epilogue.__name__}: {str(error).strip().splitlines()[0]}"
-                log.info("icnet plan: a convolution (%s) falls back to the plain path (%s)", self.conv, self.epilogue_fallback)
+                log.info("icnet plan: a convolution (%s) falls back to the plain path (%s)", self.conv,
+                         self.epilogue_fallback)
                 self.epilogue = None
         y = F.conv2d(x, self.weight, self.bias, self.conv.stride, self.conv.padding, self.conv.dilation)
         if residual is not None:
@@ -137,7 +139,8 @@ class PlanHead(nn.Module):
 
     def __init__(self, classifier: nn.Conv2d, dtype, device, labels: bool):
         super().__init__()
-        self.register_buffer("weight", classifier.weight.detach().flatten(1).to(device=device, dtype=dtype).contiguous())
+        weight = classifier.weight.detach().flatten(1)
+        self.register_buffer("weight", weight.to(device=device, dtype=dtype).contiguous())
         self.register_buffer("bias", classifier.bias.detach().to(device=device, dtype=dtype))
         self.labels = labels
 
