@@ -23,8 +23,8 @@ largest reference magnitude: elementwise ratios are meaningless where the sum cr
 speedup_vs_eager is eager's p50 over this provider's p50.
 
 --goal keeps the cases the GPU goals name (float16 on a GPU, float32 on the CPU; both batches; ICNet's own
-CFF geometry, the exact shortcut, at sub24 and sub12; every pyramid pooling case). The results file is
-rewritten after every case, so a run cut short keeps the cases that finished. --compile-cache: see
+CFF geometry, the exact shortcut, at sub24 and sub12; every pyramid pooling case; no other op). The results
+file is rewritten after every case, so a run cut short keeps the cases that finished. --compile-cache: see
 benchmarks.compile_cache (saved after every case that a torch.compile provider ran).
 """
 
@@ -60,10 +60,14 @@ def _throughput(case: Case, p50_ms: float, copy_gbps: float, peak_tflops: float)
             "roofline_bound": bound, "pct_of_roofline_floor": 100 * floor_ms / p50_ms}
 
 
+GOAL_OPS = (cascade_feature_fusion.NAME, pyramid_pool_sum.NAME)
+
+
 def goal_case(case: Case, device: torch.device) -> bool:
-    """A case the GPU goals name (on the CPU, its float32 twin): ICNet's own geometry, in the goals' dtype."""
+    """A case the GPU goals name (on the CPU, its float32 twin): the two fused ops at ICNet's own geometry,
+    in the goals' dtype."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return case.dtype == dtype and not case.variant.endswith("-general")
+    return case.op in GOAL_OPS and case.dtype == dtype and not case.variant.endswith("-general")
 
 
 def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.Effort,
