@@ -13,7 +13,7 @@ from benchmarks import e2e_plan
 from icnet import ICNet
 from icnet.graphs import weights_version
 from icnet.layers import caffe_resize
-from icnet.plan import InferencePlan, exact_head_zoom, shrink2
+from icnet.plan import InferencePlan, conv_on_the_unshrunk_map, exact_head_zoom, shrink2
 from tests.helpers import LAYOUTS, in_layout
 from tests.test_icnet_model import randomize_batch_norm
 
@@ -179,3 +179,38 @@ def test_benchmark_runner_builds_under_inference_mode():
         expected = model(image).argmax(1)
     assert labels.dtype == torch.uint8 and (e2e_plan.predicted_labels(labels) == expected).float().mean() >= 0.998
     assert torch.equal(e2e_plan.predicted_labels(model(image)), model(image).argmax(1))
+
+
+@settings(max_examples=25)
+@given(h=st.integers(1, 8), w=st.integers(1, 8), k=st.sampled_from([1, 3]), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_a_conv_of_the_strided_shrink_is_a_conv_of_the_map(h, w, k, stride, dilation, seed):
+    """conv(x[::2, ::2]) with stride s, dilation d, padding p equals conv(x) with 2s, 2d, 2p on odd sides
+    (float64: the same products, summed in another order)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 2 * h - 1, 2 * w - 1, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(3, 4, k, stride, dilation * (k // 2), dilation).double()
+    unshrunk = conv_on_the_unshrunk_map(conv)
+    expected = conv(caffe_resize(x, shrink=2))
+    actual = torch.nn.functional.conv2d(x, conv.weight, conv.bias, unshrunk.stride, unshrunk.padding,
+                                        unshrunk.dilation)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_plan_never_makes_the_half_resolution_image():
+    """At odd sizes conv1_1 reads the image: no op of a call makes a 3-channel map of half the image's size."""
+    image, _, plan, _ = built("sub124", EXACT)
+    half = ((EXACT[0] + 1) // 2, (EXACT[1] + 1) // 2)
+    shapes = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Shapes():
+        plan(image)
+    assert (1, 3, *half) not in shapes and (1, 32, (half[0] + 1) // 2, (half[1] + 1) // 2) in shapes

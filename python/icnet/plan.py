@@ -5,8 +5,9 @@ dtype), every weight is stored in the dtype and memory format its convolution ru
 of the example decides which of ICNet's exact shortcuts apply:
 
 - Caffe's shrink-2 of an odd-sized map with align_corners samples every other pixel exactly (source
-  position 2y, weight 0 on the neighbour), so the half-resolution image and conv3_1's shrink are strided
-  reads instead of bilinear resizes;
+  position 2y, weight 0 on the neighbour), so conv3_1's shrink is a strided read instead of a bilinear
+  resize, and conv1_1 on the half-resolution image is a convolution of the image itself with twice the
+  stride, dilation and padding (stride 4, dilation 2): that image is never made;
 - the head, classifier(resize(features, s)) resized to the image, is one exact integer zoom of the
   classified features whenever the intermediate size s keeps every input sample (an align_corners
   resize reproduces the input's piecewise-linear interpolant, so resizing through s changes nothing)
@@ -48,10 +49,23 @@ log = logging.getLogger(__name__)
 def shrink2(x: torch.Tensor) -> torch.Tensor:
     """caffe_resize(x, shrink=2): every other pixel where a side is odd (exactly the resize's values for
     finite inputs), the bilinear resize elsewhere."""
-    h, w = x.shape[-2:]
-    if h % 2 == 1 and w % 2 == 1:
+    if odd_sides(x):
         return x[:, :, ::2, ::2].contiguous(memory_format=memory_format_of(x))
     return caffe_resize(x, shrink=2)
+
+
+def odd_sides(x_or_size) -> bool:
+    """Whether both spatial sides are odd: where shrink2 is a strided read."""
+    h, w = x_or_size.shape[-2:] if isinstance(x_or_size, torch.Tensor) else x_or_size
+    return h % 2 == 1 and w % 2 == 1
+
+
+def conv_on_the_unshrunk_map(conv) -> SimpleNamespace:
+    """The hyper-parameters under which a convolution of x itself equals conv of x[::2, ::2] (x's sides odd):
+    twice the stride, dilation and padding. Its taps 2(s*o + d*k - p) are the strided read's pixels, and the
+    zero padding on either side covers exactly the taps that fall outside the shrunk map."""
+    return SimpleNamespace(stride=tuple(2 * v for v in conv.stride), padding=tuple(2 * v for v in conv.padding),
+                           dilation=tuple(2 * v for v in conv.dilation), groups=conv.groups)
 
 
 def exact_head_zoom(features_size, intermediate_size, image_size) -> int | None:
@@ -176,6 +190,10 @@ class PlanNetwork(nn.Module):
             return nn.ModuleList(PlanConv(m, dtype, memory_format, device) for m in seq)
 
         self.conv1 = convs(model.conv1, self.stem)
+        # conv1_1 reads the image itself where the half-resolution image would be a strided read of it
+        self.conv1_on_image = odd_sides(example)
+        if self.conv1_on_image:
+            self.conv1[0].conv = conv_on_the_unshrunk_map(self.conv1[0].conv)
         self.conv2 = _stage(model.conv2, dtype, self.stem, device)
         self.conv3_1 = _stage(model.conv3_1, dtype, self.stem, device)
         self.conv3_rest, self.conv4, self.conv5 = (_stage(s, dtype, self.layout, device)
@@ -193,7 +211,8 @@ class PlanNetwork(nn.Module):
             self.cff_sub12 = PlanCascadeFeatureFusion(model.cff_sub12, dtype, device, cff_backend)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = shrink2(image).contiguous(memory_format=self.stem)
+        image_stem = image.contiguous(memory_format=self.stem)
+        x = image_stem if self.conv1_on_image else shrink2(image).contiguous(memory_format=self.stem)
         for conv in self.conv1:
             x = conv(x)
         x = icnet_kernels.max_pool(x, 3, 2, 1, backend="triton") if self.pool_kernel else F.max_pool2d(x, 3, 2, 1)
@@ -207,7 +226,7 @@ class PlanNetwork(nn.Module):
         sub24 = self.cff_sub24(x, conv3_1)
         if self.mode == "sub24":
             return self.head(sub24, ICNet._eighth(image), image_size)
-        sub1 = image.contiguous(memory_format=self.stem)
+        sub1 = image_stem
         for conv in self.sub1:
             sub1 = conv(sub1)
         sub12 = self.cff_sub12(sub24, sub1.contiguous(memory_format=self.layout))
