@@ -13,6 +13,12 @@ from tests.helpers import ATOL, GPU, LAYOUTS, assert_within_budget, dtypes_for, 
 DEVICE = "cuda" if GPU else "cpu"
 
 
+@pytest.fixture(scope="module", params=[DEVICE], ids=[f"triton-{DEVICE}"])
+def device(request):
+    """Where the kernel runs, named in the test id: a GPU session selects its tests by "cuda"."""
+    return request.param
+
+
 def make_inputs(n, k, c, h, w, dtype=torch.float32, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n, k, h, w, generator=g, dtype=torch.float64)
@@ -64,15 +70,15 @@ def check_against_reference(features, weight, bias, zoom, what=""):
 
 @settings(max_examples=10)
 @given(data=st.data())
-def test_matches_reference_on_random_inputs(data):
+def test_matches_reference_on_random_inputs(device, data):
     n = data.draw(st.integers(1, 2), label="n")
     k = data.draw(st.integers(1, 40), label="channels")
     c = data.draw(st.integers(1, 21), label="classes")
     h, w = data.draw(st.integers(1, 5), label="h"), data.draw(st.integers(1, 5), label="w")
     zoom = data.draw(st.integers(1, 9), label="zoom")
-    dtype = data.draw(st.sampled_from(dtypes_for("triton", DEVICE)), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for("triton", device)), label="dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
-    features, weight, bias = make_inputs(n, k, c, h, w, dtype, seed=data.draw(st.integers(0, 2**31 - 1)))
+    features, weight, bias = make_inputs(n, k, c, h, w, dtype, device, data.draw(st.integers(0, 2**31 - 1)))
     check_against_reference(in_layout(features, layout), weight, bias, zoom, f"{layout} {dtype}")
 
 
@@ -85,8 +91,8 @@ def test_matches_reference_on_random_inputs(data):
     (1, 33, 2, 2, 9, 32),    # sub4's 32x zoom, more columns than one program's block
 ], ids=["icnet", "one-row", "one-column", "one-pixel", "zoom1-33-classes", "zoom32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fixed_geometries(n, k, c, h, w, zoom, layout):
-    features, weight, bias = make_inputs(n, k, c, h, w, seed=3)
+def test_fixed_geometries(device, n, k, c, h, w, zoom, layout):
+    features, weight, bias = make_inputs(n, k, c, h, w, device=device, seed=3)
     check_against_reference(in_layout(features, layout), weight, bias, zoom, f"{layout}")
 
 
@@ -102,29 +108,29 @@ def test_empty_batch():
     assert segmentation_head_labels(features, weight, bias, 4).shape == (0, 5, 9)
 
 
-def test_nan_reaches_exactly_the_outputs_that_interpolate_it():
+def test_nan_reaches_exactly_the_outputs_that_interpolate_it(device):
     """A NaN feature makes every class NaN where the zoom gives its pixel a non-zero weight, and nowhere else;
     the labels there are 0, torch.argmax's answer for a NaN in the first class."""
-    features, weight, bias = make_inputs(1, 5, 3, 4, 5, seed=5)
+    features, weight, bias = make_inputs(1, 5, 3, 4, 5, device=device, seed=5)
     zoom, (i, j) = 4, (1, 3)
     features[0, 2, i, j] = float("nan")
     indicator = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
     indicator[0, 0, i, j] = 1
     reached = segmentation_head_reference(indicator, torch.ones(1, 1, dtype=torch.float64),
                                           torch.zeros(1, dtype=torch.float64), zoom)[0, 0] > 0
-    logits = segmentation_head(features.to(DEVICE), weight, bias, zoom, backend="triton").cpu()
+    logits = segmentation_head(features, weight, bias, zoom, backend="triton").cpu()
     assert torch.equal(logits[0].isnan().all(0), reached) and torch.equal(logits[0].isnan().any(0), reached)
-    labels = segmentation_head_labels(features.to(DEVICE), weight, bias, zoom, backend="triton").cpu()
+    labels = segmentation_head_labels(features, weight, bias, zoom, backend="triton").cpu()
     assert (labels[0][reached] == 0).all()
     assert torch.equal(labels[0][~reached], logits[0].argmax(0)[~reached].to(torch.uint8))
 
 
-def test_labels_follow_torch_argmax_on_ties_and_nan_logits():
-    features = torch.zeros(1, 2, 2, 2, device=DEVICE)
-    weight = torch.zeros(4, 2, device=DEVICE)
-    ties = torch.tensor([1.0, 5.0, 5.0, 2.0], device=DEVICE)
+def test_labels_follow_torch_argmax_on_ties_and_nan_logits(device):
+    features = torch.zeros(1, 2, 2, 2, device=device)
+    weight = torch.zeros(4, 2, device=device)
+    ties = torch.tensor([1.0, 5.0, 5.0, 2.0], device=device)
     assert (segmentation_head_labels(features, weight, ties, 3) == 1).all()
-    with_nan = torch.tensor([1.0, 5.0, 2.0, float("nan")], device=DEVICE)
+    with_nan = torch.tensor([1.0, 5.0, 2.0, float("nan")], device=device)
     assert (segmentation_head_labels(features, weight, with_nan, 3) == 3).all()
 
 
@@ -164,7 +170,7 @@ def test_bad_input_is_rejected_with_the_argument_named(labels, backend, make, me
 
 
 @pytest.mark.parametrize("name", ["segmentation_head_triton", "segmentation_head_labels_triton"])
-@pytest.mark.parametrize("device", [DEVICE, "meta"], ids=["kernel", "fake"])
+@pytest.mark.parametrize("device", [DEVICE, "meta"], ids=[f"kernel-{DEVICE}", "fake"])
 @pytest.mark.parametrize("make,message", params({
     **BAD_INPUTS, "features-float64": (lambda f, wt, b: (f.double(), wt.double(), b.double(), 2), "features")}))
 def test_op_called_directly_checks_its_arguments(name, device, make, message):
@@ -187,8 +193,8 @@ def test_native_backend_is_refused_by_name():
 
 
 @pytest.mark.parametrize("name", ["segmentation_head_triton", "segmentation_head_labels_triton"])
-def test_opcheck(name):
-    features, weight, bias = make_inputs(1, 5, 3, 2, 3)
+def test_opcheck(device, name):
+    features, weight, bias = make_inputs(1, 5, 3, 2, 3, device=device)
     op = getattr(torch.ops.icnet, name)
     torch.library.opcheck(op, (features, weight, bias, 3))
     torch.library.opcheck(op, (features.contiguous(memory_format=torch.channels_last), weight, bias, 2))
