@@ -216,6 +216,8 @@ class Driver:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "python"),
                                                                self.env.get("PYTHONPATH")]))
+        if self.cpu:  # tiny shapes gain nothing from threads, and spinning threads suffer most on a busy machine
+            self.env["OMP_NUM_THREADS"] = "1"
 
     # -- paths
     @property
