@@ -2,6 +2,7 @@
 random images, at fixed and at dynamic batch and sizes, and its logits must match the PyTorch reference's."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 import icnet.model
 from icnet import ICNet
 from icnet.checkpoint import save_checkpoint
+from icnet.cityscapes import CLASS_NAMES
 from icnet.cli import main
 from icnet.export import MIN_DYNAMIC_SIDE, export_onnx
+from icnet.preprocessing import DEFAULT_PREPROCESSING
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -121,12 +124,15 @@ def test_fixed_size_export_of_each_mode_matches_the_reference_build(tmp_path, mo
 def test_cli_exports_a_checkpoint(tmp_path, capsys):
     model = random_icnet("sub124", fused=False, seed=2)
     save_checkpoint(tmp_path / "model.pt", model)
-    out = tmp_path / "exported" / "model.onnx"
+    out = tmp_path / "model.onnx"
     assert main(["export", "--onnx", str(out), "--weights", str(tmp_path / "model.pt"), "--size", "161x193",
                  "--dynamic-batch"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert input_dims(out) == ["batch", 3, 161, 193]
     assert_matches_reference(out, model, (2, 3, 161, 193))
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["icnet.preprocessing"]) == DEFAULT_PREPROCESSING.to_dict()
+    assert json.loads(metadata["icnet.class_names"]) == list(CLASS_NAMES)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -153,3 +159,5 @@ def test_cli_reports_bad_export_arguments_in_one_line(tmp_path, capsys):
     assert err[-1] == "icnet: size must be at least 161x161 for a dynamic-size export (the pyramid pooling needs " \
                       "a 6x6 map), got 100x100"
     assert not (tmp_path / "x.onnx").exists()
+    assert main(["export", "--onnx", str(tmp_path / "missing" / "x.onnx")]) == 2
+    assert "the folder of" in capsys.readouterr().err and not (tmp_path / "missing").exists()

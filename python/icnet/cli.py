@@ -133,13 +133,18 @@ def _convert(args):
 
 
 def _export(args):
-    from icnet.export import export_onnx  # imported here so that --help does not load torch
-    from icnet.segment import build_model
+    import json
 
-    model, _ = build_model(args.weights, args.mode, "cpu", None, False)
+    from icnet.export import export_onnx  # imported here so that --help does not load torch
+    from icnet.segment import build_segmenter
+
+    segmenter = build_segmenter(args.weights, args.mode, "cpu", None, False)
+    metadata = {"icnet.class_names": json.dumps(list(segmenter.class_names)),
+                "icnet.preprocessing": json.dumps(segmenter.preprocessing.to_dict())}
     opset = {} if args.opset is None else {"opset": args.opset}
     try:
-        print(export_onnx(model, args.onnx, args.size, args.batch, args.dynamic_batch, args.dynamic_size, **opset))
+        print(export_onnx(segmenter.model, args.onnx, args.size, args.batch, args.dynamic_batch, args.dynamic_size,
+                          metadata=metadata, **opset))
     except ModuleNotFoundError as error:
         sys.exit(f"icnet: {error}")
 
@@ -261,6 +266,12 @@ mIoU (in percent) on stdout; OUT/log.csv holds the same scores as fractions.""",
 Scores print in percent; the --json file holds them as fractions.""",
     "prune": """examples:
   icnet prune --weights runs/synthetic/best.pt --out runs/pruned --keep 0.75 0.5 --epochs 4""",
+    "export": """examples:
+  icnet export --onnx icnet.onnx --weights icnet.pt
+  icnet export --onnx icnet-any-size.onnx --weights icnet.pt --dynamic-batch --dynamic-size
+
+The graph takes the image preprocessed as for the PyTorch model (its metadata_props icnet.preprocessing
+says how: channel order, means, stds) and returns the logits at the image's size.""",
 }
 
 
@@ -317,15 +328,18 @@ def parser() -> argparse.ArgumentParser:
                         help="fractions of the original width, pruned and fine-tuned in turn")
     shrink.set_defaults(run=_prune)
 
-    onnx = commands.add_parser("export", help="the network as standard ONNX (ONNX Runtime, OpenVINO, TensorRT)")
-    onnx.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    onnx = commands.add_parser("export", help="the network as standard ONNX (ONNX Runtime, OpenVINO, TensorRT)",
+                               epilog=EXAMPLES["export"])
+    onnx.add_argument("--onnx", required=True, type=_new_file, metavar="OUT.onnx", help="the ONNX file to write")
     onnx.add_argument("--weights", help="checkpoint (without it the model is untrained)")
-    onnx.add_argument("--mode", choices=MODES, default="sub124")
-    onnx.add_argument("--size", type=_size, default=(1025, 2049), help="input size HxW the graph is traced at")
-    onnx.add_argument("--batch", type=int, default=1, help="input batch the graph is traced at")
+    onnx.add_argument("--mode", choices=MODES, default="sub124", help="the branch whose output is used")
+    onnx.add_argument("--size", type=_size, default="1025x2049", metavar="HxW",
+                      help="the input size the graph is traced at (its fixed size without --dynamic-size)")
+    onnx.add_argument("--batch", type=_positive_int, default=1,
+                      help="the input batch the graph is traced at (its fixed batch without --dynamic-batch)")
     onnx.add_argument("--dynamic-batch", action="store_true", help="any batch")
     onnx.add_argument("--dynamic-size", action="store_true", help="any height and width from 161")
-    onnx.add_argument("--opset", type=int, help="ONNX opset (default: icnet.export.OPSET)")
+    onnx.add_argument("--opset", type=_positive_int, help="ONNX opset (default: icnet.export.OPSET, 18)")
     onnx.set_defaults(run=_export)
 
     caffe = commands.add_parser("convert", help="the authors' released Caffe weights (.caffemodel) as a checkpoint")

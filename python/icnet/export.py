@@ -61,12 +61,14 @@ def export_graph_model(model: ICNet) -> ICNet:
 
 
 def export_onnx(model: ICNet, path, size: tuple[int, int] = (1025, 2049), batch: int = 1,
-                dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = OPSET) -> Path:
+                dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = OPSET,
+                metadata: dict[str, str] | None = None) -> Path:
     """Writes model (either build) as a float32 ONNX graph of standard operators to path, one file.
 
     size and batch: the input the graph is traced with, [batch, 3, *size], and its fixed shape unless
     dynamic_batch / dynamic_size make the batch / height and width symbolic (dynamic sizes from
-    MIN_DYNAMIC_SIDE up). Returns the path written.
+    MIN_DYNAMIC_SIDE up). metadata: key -> text, stored in the model's metadata_props (the command line
+    stores the checkpoint's class names and input preprocessing there). Returns the path written.
     """
     size = tuple(size)
     if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
@@ -101,5 +103,6 @@ def export_onnx(model: ICNet, path, size: tuple[int, int] = (1025, 2049), batch:
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes={"image": dims} if dims else None, external_data=False,
                                     verbose=False)
+    program.model.metadata_props.update(metadata or {})
     program.save(path, external_data=False)
     return path
