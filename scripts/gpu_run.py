@@ -390,7 +390,10 @@ class Driver:
         stage.status, stage.returncode, seconds = run_command(stage.command, self.logs / "memcheck.log",
                                                               stage.limit_s, env)
         stage.seconds = round(seconds, 1)
-        stage.results = parse_memcheck((self.logs / "memcheck.log").read_text(errors="replace"))
+        text = (self.logs / "memcheck.log").read_text(errors="replace")
+        stage.results = parse_memcheck(text)
+        if "Device not supported" in text:  # seen under gVisor, where the sanitizer cannot attach
+            stage.reason = "compute-sanitizer does not support this device on this machine"
 
     def ops_args(self) -> list[str]:
         args = ["-m", "benchmarks.run", "--goal", "--out", str(self.results_dir("ops")),
