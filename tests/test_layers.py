@@ -62,10 +62,11 @@ def test_a_failing_fused_epilogue_falls_back_once_per_module(monkeypatch):
     assert epilogue_fallbacks(fused) == dict.fromkeys(convs, "no_engine: no engine for this shape")
 
 
-def test_a_bad_input_still_raises_after_the_fallback():
+def test_a_bad_input_raises_and_is_not_taken_for_a_missing_fused_implementation():
     conv = ConvBN(3, 8, 3, fused=True).eval()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="channels"):
         conv(torch.randn(1, 4, 9, 9))
+    assert conv.epilogue_fallback is None
 
 
 def test_epilogue_choice():

@@ -62,17 +62,20 @@ class ConvBN(nn.Module):
         """conv -> BN (-> + residual) (-> ReLU)."""
         if self.fused and not batch_statistics(self.bn):
             weight, bias = self._folded_params(x.dtype)
+            failed = None
             if self.epilogue_fallback is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
                 epilogue = fused_epilogue(x.device.type, x.dtype, lambda: _channels_last(x, weight), self.relu,
                                           residual is not None)
                 if epilogue is not None:
                     try:
                         return epilogue(x, weight, bias, self.conv, self.relu, residual)
-                    except RuntimeError as error:  # no fused implementation here: the plain path from now on
-                        self.epilogue_fallback = f"{epilogue.__name__}: {str(error).strip().splitlines()[0]}"
-                        log.info("icnet: %s on %s %s input falls back to the plain path (%s)", self.conv,
-                                 x.dtype, tuple(x.shape), self.epilogue_fallback)
+                    except RuntimeError as error:
+                        failed = f"{epilogue.__name__}: {str(error).strip().splitlines()[0]}"
             y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation)
+            if failed is not None:  # the plain path ran where the fused one raised: the library lacks it here
+                self.epilogue_fallback = failed
+                log.info("icnet: %s on %s %s input falls back to the plain path (%s)", self.conv, x.dtype,
+                         tuple(x.shape), failed)
         else:
             y = self.bn(self.conv(x))
         if residual is not None:
