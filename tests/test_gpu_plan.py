@@ -1,5 +1,5 @@
 """On a GPU: the inference plan's CUDA-graph replay against the reference build in float64, on NaN-filled
-device memory, logits and labels, in the dtypes and layouts the GPU runs."""
+device memory, logits and labels, in the dtypes and layouts the GPU runs; its second stream against one."""
 
 import pytest
 import torch
@@ -45,3 +45,14 @@ def test_plan_replays_match_the_reference_on_a_gpu(dtype, channels_last, size):
     other = (torch.randn_like(image) * 60).to(dtype).contiguous(memory_format=layout)
     assert plan(other).data_ptr() == plan(x).data_ptr()
     torch.testing.assert_close(plan(x), logits, rtol=0, atol=0)
+
+
+def test_the_second_stream_changes_no_value():
+    """The full-resolution branch on its own stream (the default) gives what one stream gives."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(ICNet(mode="sub124", fused=False)).eval().cuda()
+    x = (torch.randn(2, 3, 257, 513, device="cuda") * 60).half().contiguous(memory_format=torch.channels_last)
+    together = InferencePlan(model, x)(x).clone()
+    alone = InferencePlan(model, x, concurrent=False)(x).clone()
+    torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-3 * alone.abs().max().item())
+    assert (together.argmax(1) == alone.argmax(1)).float().mean() >= 0.999

@@ -151,6 +151,8 @@ def test_plan_refuses_bad_builds_by_name():
         InferencePlan(model, torch.randn(3, *INEXACT))
     with pytest.raises(ValueError, match="cuda_graph"):
         InferencePlan(model, torch.randn(1, 3, *INEXACT), cuda_graph=True)
+    with pytest.raises(ValueError, match="concurrent"):
+        InferencePlan(model, torch.randn(1, 3, *INEXACT), concurrent=True)
     with pytest.raises(ValueError, match="model"):
         InferencePlan(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, *INEXACT))
 

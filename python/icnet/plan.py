@@ -17,10 +17,10 @@ of the example decides which of ICNet's exact shortcuts apply:
 The network runs on the fused ops (pyramid pooling, cascade feature fusion on pre-folded weights, max
 pooling without indices where Triton runs) and the convolutions' fused epilogues (oneDNN post-ops on the
 CPU, cuDNN conv + bias + residual + ReLU on a GPU), chosen once per layer at build: a layer whose fused
-call raises keeps the plain path. On CUDA the
-plan captures one CUDA graph (icnet.graphs.CudaGraphRunner) and each call replays it; on the CPU the same
-plan runs eagerly, which is how its arithmetic is tested without a GPU. The CUDA path has not yet run on
-a GPU.
+call raises keeps the plain path. On CUDA the full-resolution branch runs on a second stream, beside the
+trunk and the sub4 branch, and the plan captures one CUDA graph (icnet.graphs.CudaGraphRunner) that each
+call replays; on the CPU the same plan runs eagerly, which is how its arithmetic is tested without a GPU.
+The CUDA path has not yet run on a GPU.
 
 The plan is a snapshot of the model's weights: after changing them, build a new plan.
 """
@@ -179,7 +179,8 @@ class PlanNetwork(nn.Module):
     """ICNet's inference forward pass on folded, laid-out weights (what ICNet.forward computes in eval
     mode for its mode), for one input dtype, layout and device."""
 
-    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool, cff_backend: str | None):
+    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool, cff_backend: str | None,
+                 concurrent: bool):
         super().__init__()
         dtype, device = example.dtype, example.device
         self.mode, self.layout = model.mode, memory_format_of(example)
@@ -209,9 +210,27 @@ class PlanNetwork(nn.Module):
         if self.mode == "sub124":
             self.sub1 = convs(model.sub1, self.stem)
             self.cff_sub12 = PlanCascadeFeatureFusion(model.cff_sub12, dtype, device, cff_backend)
+        # On a GPU the full-resolution branch runs on a second stream, beside the trunk and the sub4 branch,
+        # whose small maps leave most of the GPU idle; a CUDA graph captures both streams.
+        self.side_stream = torch.cuda.Stream(device) if concurrent and self.mode == "sub124" else None
+
+    def _sub1(self, image_stem: torch.Tensor) -> torch.Tensor:
+        x = image_stem
+        for conv in self.sub1:
+            x = conv(x)
+        return x.contiguous(memory_format=self.layout)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         image_stem = image.contiguous(memory_format=self.stem)
+        sub1 = None
+        if self.side_stream is not None:
+            main = torch.cuda.current_stream(image.device)
+            self.side_stream.wait_stream(main)
+            with torch.cuda.stream(self.side_stream):
+                sub1 = self._sub1(image_stem)
+            # each tensor crossing streams is kept from reuse until the stream that did not allocate it is done
+            image_stem.record_stream(self.side_stream)
+            sub1.record_stream(main)
         x = image_stem if self.conv1_on_image else shrink2(image).contiguous(memory_format=self.stem)
         for conv in self.conv1:
             x = conv(x)
@@ -226,10 +245,11 @@ class PlanNetwork(nn.Module):
         sub24 = self.cff_sub24(x, conv3_1)
         if self.mode == "sub24":
             return self.head(sub24, ICNet._eighth(image), image_size)
-        sub1 = image_stem
-        for conv in self.sub1:
-            sub1 = conv(sub1)
-        sub12 = self.cff_sub12(sub24, sub1.contiguous(memory_format=self.layout))
+        if sub1 is None:
+            sub1 = self._sub1(image_stem)
+        else:
+            torch.cuda.current_stream(image.device).wait_stream(self.side_stream)
+        sub12 = self.cff_sub12(sub24, sub1)
         return self.head(sub12, _zoom2(sub12), image_size)
 
 
@@ -245,11 +265,12 @@ class InferencePlan:
     returns the logits [N, classes, H, W] in the image's dtype and layout, or with labels=True the argmax
     [N, H, W] as uint8. On CUDA (cuda_graph=True, the default there) the output is the graph's static
     buffer, overwritten by the next call: clone it to keep it. cff_backend chooses the fusion units'
-    implementation (None: the library's default).
+    implementation (None: the library's default). concurrent (default: on CUDA) runs the full-resolution
+    branch on a second CUDA stream.
     """
 
     def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
-                 cff_backend: str | None = None):
+                 cff_backend: str | None = None, concurrent: bool | None = None):
         if not isinstance(model, ICNet):
             raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
         if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[1] != 3:
@@ -259,14 +280,16 @@ class InferencePlan:
             raise ValueError(f"example must be floating point, got {example.dtype}")
         if model.training:
             raise ValueError("model must be in eval mode: the plan folds BatchNorm's running statistics")
-        if cuda_graph and example.device.type != "cuda":
-            raise ValueError(f"cuda_graph needs a CUDA example, got one on {example.device}")
+        for name, flag in (("cuda_graph", cuda_graph), ("concurrent", concurrent)):
+            if flag and example.device.type != "cuda":
+                raise ValueError(f"{name} needs a CUDA example, got one on {example.device}")
+        concurrent = example.device.type == "cuda" if concurrent is None else concurrent
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
         self.layout, self.labels = memory_format_of(example), labels
         # Ordinary tensors even when built under inference mode (a benchmark's): a CUDA graph and the Triton
         # weight layouts check their weights' version counters, which inference tensors do not have.
         with torch.inference_mode(False), torch.no_grad():
-            self.network = PlanNetwork(model, example, labels, cff_backend).eval()
+            self.network = PlanNetwork(model, example, labels, cff_backend, concurrent).eval()
         self.runner = None
         if cuda_graph or (cuda_graph is None and example.device.type == "cuda"):
             self.runner = CudaGraphRunner(self.network, example, recapture=False)
