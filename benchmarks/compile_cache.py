@@ -63,7 +63,11 @@ def save(path: Path, device: torch.device) -> dict:
     """Adds the artifacts compiled in this process since the last save to path (rewritten whole, so a run
     killed meanwhile leaves the previous file)."""
     blobs, _ = read_blobs(path, device)
-    new = torch.compiler.save_cache_artifacts()
+    try:
+        new = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # the measurements matter more than the cache: record why and go on
+        log.warning("compile cache: saving failed: %s: %s", type(exc).__name__, exc)
+        return {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}
     if new is not None and new[0] not in blobs:
         blobs.append(new[0])
     while len(blobs) > 1 and sum(map(len, blobs)) > MAX_BYTES:

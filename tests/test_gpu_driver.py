@@ -189,6 +189,12 @@ def test_compile_cache_is_loaded_only_in_the_environment_it_was_made_in(tmp_path
     with zipfile.ZipFile(path) as archive:
         assert json.loads(archive.read("meta.json"))["torch"] == torch.__version__
 
+    def broken():
+        raise RuntimeError("cannot pickle")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", broken)
+    assert compile_cache.save(path, cpu)["error"] == "RuntimeError: cannot pickle"
+
 
 def test_goal_cases_are_float16_icnet_geometry_at_both_batches():
     cuda = torch.device("cuda")
