@@ -54,7 +54,12 @@ def load(path: Path, device: torch.device) -> dict:
     """Loads path's artifacts into the compiler's caches when they were made in this environment; returns a
     record of what happened for the results' meta."""
     blobs, why = read_blobs(path, device)
-    loaded = sum(torch.compiler.load_cache_artifacts(blob) is not None for blob in blobs)
+    loaded = 0
+    for blob in blobs:
+        try:
+            loaded += torch.compiler.load_cache_artifacts(blob) is not None
+        except Exception as exc:  # a set this torch cannot read only costs its compile time
+            why = f"a set failed to load ({type(exc).__name__}: {exc})"
     log.info("compile cache %s: %d of %d artifact sets loaded (%s)", path, loaded, len(blobs), why)
     return {"file": path.name, "loaded_sets": loaded, "sets": len(blobs), "reason": why}
 
