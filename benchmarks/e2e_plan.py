@@ -1,15 +1,16 @@
 """The inference plan (icnet.plan) as end-to-end benchmark runners: "plan" returns logits, "plan-labels" the
-uint8 labels. On a GPU each call replays the plan's CUDA graph; building it (folding, layouts, Triton
-compilation, capture) counts as the runner's compile_s."""
+uint8 labels, "plan-triton" logits with pyramid pooling and the fusion units on their Triton kernels instead
+of the native CUDA ones. On a GPU each call replays the plan's CUDA graph; building it (folding, layouts,
+Triton compilation, capture) counts as the runner's compile_s."""
 
 import torch
 
 from icnet.plan import InferencePlan
 
 
-def plan_runner(labels: bool):
+def plan_runner(labels: bool, backend: str | None = None):
     def wrap(model: torch.nn.Module, x: torch.Tensor) -> InferencePlan:
-        return InferencePlan(model, x, labels=labels)
+        return InferencePlan(model, x, labels=labels, backend=backend)
     return wrap
 
 

@@ -216,3 +216,12 @@ def test_the_plan_never_makes_the_half_resolution_image():
     with Shapes():
         plan(image)
     assert (1, 3, *half) not in shapes and (1, 32, (half[0] + 1) // 2, (half[1] + 1) // 2) in shapes
+
+
+def test_backend_reaches_the_pooling_and_the_fusion_units():
+    image, expected, plan, _ = built("sub124", INEXACT, seed=1)
+    assert {"cascade_feature_fusion", "pyramid_pool_sum"} <= set(ops_of_a_call(plan, image))
+    model = reference_model("sub124", seed=1)
+    composed = InferencePlan(model, image, backend="reference")
+    assert not {"cascade_feature_fusion", "pyramid_pool_sum"} & set(ops_of_a_call(composed, image))
+    torch.testing.assert_close(composed(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())

@@ -179,7 +179,7 @@ class PlanNetwork(nn.Module):
     """ICNet's inference forward pass on folded, laid-out weights (what ICNet.forward computes in eval
     mode for its mode), for one input dtype, layout and device."""
 
-    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool, cff_backend: str | None,
+    def __init__(self, model: ICNet, example: torch.Tensor, labels: bool, backend: str | None,
                  concurrent: bool):
         super().__init__()
         dtype, device = example.dtype, example.device
@@ -202,14 +202,15 @@ class PlanNetwork(nn.Module):
         # ATen's CUDA max pooling also writes int64 indices for a backward; the Triton op writes values only
         self.pool_kernel = triton_usable(device)
         self.ppm = PyramidPooling(fused=True)
+        self.ppm.backend = backend
         self.conv5_4 = PlanConv(model.conv5_4, dtype, self.layout, device)
         classifier = {"sub4": model.cls_sub4, "sub24": model.cls_sub24, "sub124": model.cls_sub124}[self.mode]
         self.head = PlanHead(classifier, dtype, device, labels)
         if self.mode != "sub4":
-            self.cff_sub24 = PlanCascadeFeatureFusion(model.cff_sub24, dtype, device, cff_backend)
+            self.cff_sub24 = PlanCascadeFeatureFusion(model.cff_sub24, dtype, device, backend)
         if self.mode == "sub124":
             self.sub1 = convs(model.sub1, self.stem)
-            self.cff_sub12 = PlanCascadeFeatureFusion(model.cff_sub12, dtype, device, cff_backend)
+            self.cff_sub12 = PlanCascadeFeatureFusion(model.cff_sub12, dtype, device, backend)
         # On a GPU the full-resolution branch runs on a second stream, beside the trunk and the sub4 branch,
         # whose small maps leave most of the GPU idle; a CUDA graph captures both streams.
         self.side_stream = torch.cuda.Stream(device) if concurrent and self.mode == "sub124" else None
@@ -264,13 +265,14 @@ class InferencePlan:
     plan = InferencePlan(model, example, labels=False); out = plan(image)
     returns the logits [N, classes, H, W] in the image's dtype and layout, or with labels=True the argmax
     [N, H, W] as uint8. On CUDA (cuda_graph=True, the default there) the output is the graph's static
-    buffer, overwritten by the next call: clone it to keep it. cff_backend chooses the fusion units'
-    implementation (None: the library's default). concurrent (default: on CUDA) runs the full-resolution
+    buffer, overwritten by the next call: clone it to keep it. backend chooses the implementation of the
+    ops that have both a compiled and a Triton kernel, pyramid pooling and the fusion units (None: the
+    library's default, "native", "triton" or "reference"). concurrent (default: on CUDA) runs the full-resolution
     branch on a second CUDA stream.
     """
 
     def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
-                 cff_backend: str | None = None, concurrent: bool | None = None):
+                 backend: str | None = None, concurrent: bool | None = None):
         if not isinstance(model, ICNet):
             raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
         if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[1] != 3:
@@ -289,7 +291,7 @@ class InferencePlan:
         # Ordinary tensors even when built under inference mode (a benchmark's): a CUDA graph and the Triton
         # weight layouts check their weights' version counters, which inference tensors do not have.
         with torch.inference_mode(False), torch.no_grad():
-            self.network = PlanNetwork(model, example, labels, cff_backend, concurrent).eval()
+            self.network = PlanNetwork(model, example, labels, backend, concurrent).eval()
         self.runner = None
         if cuda_graph or (cuda_graph is None and example.device.type == "cuda"):
             self.runner = CudaGraphRunner(self.network, example, recapture=False)
