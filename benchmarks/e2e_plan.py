@@ -1,6 +1,7 @@
 """The inference plan (icnet.plan) as end-to-end benchmark runners: "plan" returns logits, "plan-labels" the
 uint8 labels, "plan-triton" logits with pyramid pooling and the fusion units on their Triton kernels instead
-of the native CUDA ones. On a GPU each call replays the plan's CUDA graph; building it (folding, layouts,
+of the native CUDA ones, "plan-tuned" logits with each of those layers on the implementation measured
+fastest at build (its row keeps the choice and the times, plan_choices and plan_timings_ms). On a GPU each call replays the plan's CUDA graph; building it (folding, layouts,
 Triton compilation, capture) counts as the runner's compile_s."""
 
 import torch
@@ -8,10 +9,20 @@ import torch
 from icnet.plan import InferencePlan
 
 
-def plan_runner(labels: bool, backend: str | None = None):
+def plan_runner(labels: bool, backend: str | None = None, tune: bool = False):
     def wrap(model: torch.nn.Module, x: torch.Tensor) -> InferencePlan:
-        return InferencePlan(model, x, labels=labels, backend=backend)
+        return InferencePlan(model, x, labels=labels, backend=backend, tune=tune)
     return wrap
+
+
+def row_fields(runner) -> dict:
+    """What a plan runner adds to its results row: its layers' backends and, when tuned, their times."""
+    if not isinstance(runner, InferencePlan):
+        return {}
+    fields = {"plan_choices": runner.choices}
+    if runner.timings is not None:
+        fields["plan_timings_ms"] = runner.timings
+    return fields
 
 
 def predicted_labels(output: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ python -m benchmarks.icnet_e2e [--device cpu|cuda|auto] [--out benchmarks/result
 Builds: "reference" (plain PyTorch layers) and "fused" (icnet_kernels ops, BatchNorm folded), sharing one
 random state_dict. Runners (RUNNERS, in this order unless --runners names others): eager, both builds; on a
 GPU CUDA-graph replay of the fused build with its default (native CUDA) and its Triton kernels, the static
-inference plan (icnet.plan, benchmarks.e2e_plan) returning logits, returning labels, and with its Triton
-kernels, and for
+inference plan (icnet.plan, benchmarks.e2e_plan) returning logits, returning labels, with its Triton
+kernels and tuned per layer, and for
 the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
 (max-autotune), and the reference's torch.compile max-autotune last; on a CPU ONNX Runtime and OpenVINO running
 the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
@@ -142,10 +142,11 @@ RUNNERS: dict[str, Runner] = {
     "fused-cuda-graph": Runner(lambda models: models["fused"], CudaGraphRunner, _on_gpu),
     "fused-triton-cuda-graph": Runner(lambda models: with_backend(models["fused"], "triton"), CudaGraphRunner,
                                       _on_gpu),
-    # the static inference plan (benchmarks.e2e_plan): logits, the labels without logits, on Triton kernels
+    # the static inference plan (benchmarks.e2e_plan): logits, labels without logits, Triton kernels, tuned
     "plan": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=False), _on_gpu),
     "plan-labels": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=True), _on_gpu),
     "plan-triton": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, "triton"), _on_gpu),
+    "plan-tuned": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, tune=True), _on_gpu),
     "reference-compile": Runner(lambda models: models["reference"], _compiled(None),
                                 lambda config, device: _on_gpu(config, device) and _goal(config), compiles=True),
     "fused-compile-max-autotune": Runner(lambda models: models["fused"], _compiled("max-autotune"),
@@ -250,6 +251,7 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                 with torch.inference_mode(False):  # a copied model's tensors must keep their version counters
                     model = runner.prepare(models)
                 fn, row["compile_s"], row["argmax_agreement"], peak = build_and_check(runner, model, x, expected)
+                row |= e2e_plan.row_fields(fn)
                 if peak is not None:
                     row["peak_memory_mb"] = peak
                 if getattr(model, "fused", False):

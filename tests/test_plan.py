@@ -225,3 +225,32 @@ def test_backend_reaches_the_pooling_and_the_fusion_units():
     composed = InferencePlan(model, image, backend="reference")
     assert not {"cascade_feature_fusion", "pyramid_pool_sum"} & set(ops_of_a_call(composed, image))
     torch.testing.assert_close(composed(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+def test_tuning_keeps_the_fastest_measured_backend_of_each_layer():
+    image, expected, _, _ = built("sub124", INEXACT, seed=1)
+    plan = InferencePlan(reference_model("sub124", seed=1), image, tune=True)
+    assert set(plan.timings) == {"ppm", "cff_sub24", "cff_sub12"}
+    assert e2e_plan.row_fields(plan) == {"plan_choices": plan.choices, "plan_timings_ms": plan.timings}
+    assert e2e_plan.row_fields(lambda x: x) == {}
+    for layer, times in plan.timings.items():
+        assert set(times) == {"native", "reference"} and all(ms > 0 for ms in times.values())
+        assert plan.choices[layer] == min(times, key=times.get)
+    torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+def test_choices_from_a_results_file_are_used_as_given():
+    image, expected, _, _ = built("sub124", INEXACT, seed=1)
+    model = reference_model("sub124", seed=1)
+    choices = {"ppm": "reference", "cff_sub24": "native", "cff_sub12": "reference"}
+    plan = InferencePlan(model, image, choices=choices)
+    assert plan.choices == choices and plan.timings is None
+    names = ops_of_a_call(plan, image)
+    assert names.count("cascade_feature_fusion") == 1 and "pyramid_pool_sum" not in names
+    torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    assert InferencePlan(reference_model("sub4"), image).choices == {"ppm": None}
+    for bad in ({"cff_sub13": "native"}, {"ppm": "cudnn"}):
+        with pytest.raises(ValueError, match="choices"):
+            InferencePlan(model, image, choices=bad)
+    with pytest.raises(ValueError, match="choices"):
+        InferencePlan(model, image, tune=True, choices=choices)

@@ -35,6 +35,7 @@ from torch import nn
 import icnet_kernels
 from icnet.graphs import CudaGraphRunner
 from icnet.layers import Bottleneck, ConvBN, caffe_resize, fused_epilogue
+from icnet import plan_tuning
 from icnet.model import ICNet, PyramidPooling
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
@@ -267,12 +268,15 @@ class InferencePlan:
     [N, H, W] as uint8. On CUDA (cuda_graph=True, the default there) the output is the graph's static
     buffer, overwritten by the next call: clone it to keep it. backend chooses the implementation of the
     ops that have both a compiled and a Triton kernel, pyramid pooling and the fusion units (None: the
-    library's default, "native", "triton" or "reference"). concurrent (default: on CUDA) runs the full-resolution
-    branch on a second CUDA stream.
+    library's default, "native", "triton" or "reference"). concurrent (default: on CUDA) runs the
+    full-resolution branch on a second CUDA stream. tune=True times those layers with every implementation
+    that runs here and keeps the fastest of each (timings: the medians, ms); choices takes such a choice
+    ({layer: backend}, as plan.choices gives it, from a results file) without measuring.
     """
 
     def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
-                 backend: str | None = None, concurrent: bool | None = None):
+                 backend: str | None = None, concurrent: bool | None = None, tune: bool = False,
+                 choices: dict[str, str] | None = None):
         if not isinstance(model, ICNet):
             raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
         if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[1] != 3:
@@ -286,12 +290,18 @@ class InferencePlan:
             if flag and example.device.type != "cuda":
                 raise ValueError(f"{name} needs a CUDA example, got one on {example.device}")
         concurrent = example.device.type == "cuda" if concurrent is None else concurrent
+        if tune and choices is not None:
+            raise ValueError("choices: give either tune=True (measure here) or choices (measured before), not both")
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
         self.layout, self.labels = memory_format_of(example), labels
         # Ordinary tensors even when built under inference mode (a benchmark's): a CUDA graph and the Triton
         # weight layouts check their weights' version counters, which inference tensors do not have.
         with torch.inference_mode(False), torch.no_grad():
             self.network = PlanNetwork(model, example, labels, backend, concurrent).eval()
+            if choices is not None:
+                plan_tuning.apply_choices(self.network, choices)
+        self.timings = plan_tuning.measure(self.network, example) if tune else None
+        self.choices = {name: layer.backend for name, layer in plan_tuning.tunable_layers(self.network).items()}
         self.runner = None
         if cuda_graph or (cuda_graph is None and example.device.type == "cuda"):
             self.runner = CudaGraphRunner(self.network, example, recapture=False)
