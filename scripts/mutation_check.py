@@ -103,11 +103,12 @@ MUTATIONS = [
              (("yrow[w * out_sw] = static_cast<scalar_t>(orow[w]);", "yrow[w] = static_cast<scalar_t>(orow[w]);"),),
              (f"{PATHS}::test_pyramid_cpu_path",), prefer="csrc/cpu/pyramid_pool_sum.cpp"),
     Mutation("pyramid-adaptive-window-floor", "adaptive pooling windows end at floor, not ceil, of (i+1) L / n",
-             (("return {(i * len) / n, ((i + 1) * len + n - 1) / n};", "return {(i * len) / n, ((i + 1) * len) / n};"),),
+             (("return {(i * len) / n, ((i + 1) * len + n - 1) / n};",
+               "return {(i * len) / n, ((i + 1) * len) / n};"),),
              (f"{PATHS}::test_pyramid_cpu_path",), prefer="csrc/common/pyramid_geometry.h"),
     Mutation("pyramid-adjoint-reduces-with-pool", "pyramid pooling's backward reduces with the pooling matrix",
-             (("return d == PyramidDirection::kForward ? pool_weight<T>(g, axis, row, p) : interp_weight<T>(g, axis, row, p);",
-               "return pool_weight<T>(g, axis, row, p);"),),
+             (("return d == PyramidDirection::kForward ? pool_weight<T>(g, axis, row, p) : interp_weight<T>(g, axis, "
+               "row, p);", "return pool_weight<T>(g, axis, row, p);"),),
              (f"{PATHS}::test_pyramid_cpu_path",), prefer="csrc/common/pyramid_geometry.h"),
 ]
 
@@ -204,7 +205,6 @@ class Site:
     path: Path
     original_text: str
     mutated_text: str
-    snippet: str
 
 
 def locate(mutation: Mutation, tree: Path, files: list[str]) -> Site:
@@ -221,7 +221,7 @@ def locate(mutation: Mutation, tree: Path, files: list[str]) -> Site:
         text = (tree / name).read_text()
         if text.count(original) != 1:
             raise SetupError(f"{mutation.name}: snippet {original!r} occurs {text.count(original)} times in {name}")
-        return Site(tree / name, text, text.replace(original, mutated), original)
+        return Site(tree / name, text, text.replace(original, mutated))
     raise SetupError(f"{mutation.name}: none of its snippets is in the tree any more "
                      f"({[s for s, _ in mutation.snippets]}): update the mutation list")
 
