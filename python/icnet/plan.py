@@ -22,6 +22,9 @@ trunk and the sub4 branch, and the plan captures one CUDA graph (icnet.graphs.Cu
 call replays; on the CPU the same plan runs eagerly, which is how its arithmetic is tested without a GPU.
 The CUDA path has not yet run on a GPU.
 
+Pyramid pooling and the fusion units run the library's default implementation, one named by backend, or
+the fastest measured on the plan's own inputs (icnet.plan_tuning).
+
 The plan is a snapshot of the model's weights: after changing them, build a new plan.
 """
 
