@@ -9,8 +9,8 @@ benchmarks.icnet_e2e.run_config (its rows: p20/p50/p80, argmax agreement with th
 roofline fields, and the fused build's layer_groups_ms, hook spans); then each runtime profiled on its own,
 its row's layer_groups_ms the medians of per-call sums of node times by layer group and reorder_ms the
 share of its layout reorders. Rows carry the repeat's number. Writes <out>/icnet-cpu-peers-<cpu>.json
-(icnet-cpu-peers-<cpu>-<N>-threads.json with --threads N) and prints p50 per repeat with each runner's
-ratio to the fused build of the same repeat.
+(with -<N>-threads before .json under --threads N, and -omp-<policy> where OMP_WAIT_POLICY is set) and
+prints p50 per repeat with each runner's ratio to the fused build of the same repeat.
 """
 
 import argparse
@@ -104,14 +104,16 @@ def main(argv=None) -> int:
     configs = [icnet_e2e.Config(args.mode, batch, dtype, False, tuple(args.input_size))
                for dtype in dtypes for batch in args.batches]
     peaks = roofline.measured_peaks(dtypes, device, EFFORT)
+    threads = "" if args.threads is None else f"-{args.threads}-threads"
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    omp = "" if wait_policy is None else f"-omp-{report.slug(wait_policy)}"
+    path = args.out / f"icnet-cpu-peers-{report.slug(report.device_name(device))}{threads}{omp}.json"
     run_meta = (report.meta(device, peaks.gbps, peaks.dense_rates, peaks.tflops, False)
                 | {"benchmark": "icnet end to end, CPU peers", "input_size": list(args.input_size),
                    "roofline_peaks": peaks.describe(), "peer_versions": _versions(), "cpu_flags": cpu_flags(),
-                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "OMP_WAIT_POLICY": wait_policy,
                    "layer_groups_ms": "peers: medians of per-call sums of node times from the runtime's profiler; "
                                       "fused-eager: hook spans (benchmarks.layer_groups)"})
-    threads = "" if args.threads is None else f"-{args.threads}-threads"
-    path = args.out / f"icnet-cpu-peers-{report.slug(report.device_name(device))}{threads}.json"
     rows = []
 
     def on_row(row: dict) -> None:  # written as each row finishes, so a run cut short keeps what it measured
