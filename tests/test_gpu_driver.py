@@ -113,8 +113,8 @@ def test_the_gpu_run_measures_the_goal_configuration_with_the_runners_in_order(t
     chosen = icnet_e2e.chosen_configs(torch.device("cuda"), parsed)
     assert [(c.mode, c.batch, c.dtype, c.channels_last, c.size) for c in chosen] == [
         ("sub124", batch, torch.float16, True, (1025, 2049)) for batch in batches]
-    assert parsed.runners == ["reference-eager", "fused-eager", "fused-cuda-graph", "fused-triton-cuda-graph",
-                              "reference-compile-max-autotune"]
+    assert parsed.runners == ["reference-eager", "fused-eager", "fused-cuda-graph", "plan", "plan-labels",
+                              "fused-triton-cuda-graph", "reference-compile-max-autotune"]
     assert all(icnet_e2e.RUNNERS[name].applies(chosen[0], torch.device("cuda")) for name in parsed.runners)
     assert parsed.resume == (plan == "batch16")
     assert parsed.compile_cache.name == "torch-compile-cache-nvidia-h200.zip"

@@ -1,5 +1,6 @@
 """Every code path of the CPU kernels, and of the Triton kernels interpreted on the CPU, by a fixed case
-built to reach it, against the float64 reference, under 1, 2 and 3 threads.
+built to reach it, against the float64 reference, under 1, 2 and 3 threads (the interpreted Triton
+kernels, which do not depend on the thread count, under one).
 
 The random tests reach some paths only by luck: the CPU CFF kernel's blocked general path, for instance,
 runs only where low has more than half of high's pixels, and whether its last row block is partial depends
@@ -30,14 +31,12 @@ from torch.profiler import ProfilerActivity, profile
 import icnet_kernels
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference, pyramid_pool_sum
 from icnet_kernels import pyramid_pool_sum_reference
+from tests.helpers import ATOL, assert_within_budget, in_layout
 
 NATIVE = icnet_kernels.native_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 needs_native = pytest.mark.skipif(not NATIVE, reason="_C not built")
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton is interpreted only on CPU-only machines")
-
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
 
 @pytest.fixture(params=(1, 2, 3), ids=lambda t: f"{t}threads")
 def threads(request):
@@ -48,24 +47,13 @@ def threads(request):
     torch.set_num_threads(previous)
 
 
-def assert_within_budget(actual, exact, same_precision, atol, what):
-    """error <= 2 x the error of the same-precision PyTorch run + atol (a NaN anywhere fails)."""
-    err = (actual.double() - exact.double()).abs().max().item()
-    err_torch = (same_precision.double() - exact.double()).abs().max().item()
-    assert err <= 2 * err_torch + atol, f"{what}: error {err:.3e} > 2 x torch's {err_torch:.3e} + {atol:.1e}"
-
-
-def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """x's values as contiguous, channels_last, or a strided view into a NaN-filled buffer."""
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    n, c, h, w = x.shape
-    big = torch.full((n, c + 1, 2 * h, w + 3), float("nan"), dtype=x.dtype)
-    view = big[:, 1:, ::2, 2:w + 2]
-    view.copy_(x)
-    return view
+@pytest.fixture
+def one_thread():
+    """The interpreted Triton kernels do not depend on the thread count: one setting is enough."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +130,7 @@ def cff_reference(inputs, c: Cff):
 
 def check_cff(backend, c: Cff, dtype, layout, seed=0):
     inputs = cff_inputs(c, dtype, seed)
-    laid = {**inputs, "low": laid_out(inputs["low"], layout), "high": laid_out(inputs["high"], layout)}
+    laid = {**inputs, "low": in_layout(inputs["low"], layout), "high": in_layout(inputs["high"], layout)}
     out = cascade_feature_fusion(**laid, dilation=c.dilation, align_corners=c.align_corners, backend=backend)
     assert out.shape == (c.n, c.co, c.H, c.W) and out.dtype == dtype
     exact = cff_reference({k: v.double() for k, v in inputs.items()}, c)
@@ -201,7 +189,7 @@ TRITON_CFF = [
 
 @needs_interpreter
 @pytest.mark.parametrize("c", TRITON_CFF, ids=str)
-def test_cff_triton_path(c: Cff, threads):
+def test_cff_triton_path(c: Cff, one_thread):
     shortcut = c.align_corners and c.dilation == 2 and (c.H, c.W) == (2 * c.h - 1, 2 * c.w - 1)
     assert shortcut == (c.path == "shortcut"), f"{c} is not on its path"
     # the interpreter runs every program in Python: the wide cases skip the strided view the others cover
@@ -323,6 +311,6 @@ TRITON_PYRAMID = [
 
 @needs_interpreter
 @pytest.mark.parametrize("p", TRITON_PYRAMID, ids=str)
-def test_pyramid_triton_path(p: Pyramid, threads):
+def test_pyramid_triton_path(p: Pyramid, one_thread):
     for seed, layout in enumerate(("contiguous", "channels_last", "transposed planes")):
         check_pyramid("triton", p, torch.float32, layout, seed)
