@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icnet_kernels.cff_geometry import memory_format_of
-from icnet_kernels.nn import batch_statistics, folded_batch_norm
+from icnet_kernels.nn import InferenceCache, batch_statistics, folded_batch_norm
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
         self.relu = relu
         self.fused = fused
-        self._folded = None  # (versions, dtype, weight, bias)
+        self._folded = InferenceCache()
         # Why the fused epilogue was given up for the plain path (the library's error), None while it serves.
         self.epilogue_fallback: str | None = None
 
@@ -47,16 +47,14 @@ class ConvBN(nn.Module):
         return self.conv.weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1), shift
 
     def _folded_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The BN-folded (weight, bias) in dtype; cached for inference, recomputed when a tensor changes."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            weight, bias = self._fold()  # training through a frozen BN: the fold stays in the autograd graph
-            return weight.to(dtype), bias.to(dtype)
-        tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
-        versions = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
-        if self._folded is None or self._folded[:2] != (versions, dtype):
+        """The BN-folded (weight, bias) in dtype; kept for inference, recomputed when a tensor changes (with
+        autograd recording or under torch.compile the fold stays in the graph)."""
+        def fold():
             weight, bias = self._fold()
-            self._folded = (versions, dtype, weight.to(dtype), bias.to(dtype))
-        return self._folded[2], self._folded[3]
+            return weight.to(dtype), bias.to(dtype)
+
+        tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        return self._folded.get(tensors, fold, dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv -> BN (-> + residual) (-> ReLU)."""
