@@ -28,12 +28,12 @@ import icnet_kernels  # noqa: E402
 from benchmarks.cascade_feature_fusion import eager_cascade_feature_fusion  # noqa: E402
 from benchmarks.pyramid_pool_sum import eager_pyramid_pool_sum  # noqa: E402
 from icnet_kernels.reference import cascade_feature_fusion_reference, pyramid_pool_sum_reference  # noqa: E402
+from icnet.model import RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES  # noqa: E402
 from tests.helpers import ATOL, in_layout  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "channels_last", "strided")
-RELEASED_KERNELS = ((33, 65), (17, 33), (13, 25), (8, 15))
-RELEASED_STRIDES = ((33, 65), (16, 32), (10, 20), (5, 10))
+RELEASED_KERNELS, RELEASED_STRIDES = RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 import icnet_kernels
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference, pyramid_pool_sum
 from icnet_kernels import pyramid_pool_sum_reference
+from icnet.model import RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
 from tests.helpers import ATOL, assert_within_budget, in_layout
 
 NATIVE = icnet_kernels.native_available()
@@ -220,7 +221,7 @@ CPU_PYRAMID = [
     Pyramid("H < 4: one partial group", (1, 2, 3, 5), (1, 3), align_corners=False),
     Pyramid("H a multiple of 4", (1, 2, 8, 9), (1, 2, 4, 8)),
     Pyramid("the released ICNet's explicit geometry", (1, 3, 33, 65), (1, 2, 3, 6),
-            ((33, 65), (17, 33), (13, 25), (8, 15)), ((33, 65), (16, 32), (10, 20), (5, 10))),
+            RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES),
     Pyramid("explicit windows with gaps (bin 2) and overlaps (bin 3)", (1, 2, 10, 11), (2, 3),
             ((2, 4), (4, 5)), ((5, 6), (3, 3)), align_corners=False),
     Pyramid("eight bins, the largest as wide as the map", (1, 2, 8, 8), (1, 2, 3, 4, 5, 6, 7, 8)),
@@ -305,7 +306,7 @@ TRITON_PYRAMID = [
     Pyramid("a map smaller than one tile, explicit geometry", (2, 2, 5, 7), (1, 2), ((5, 7), (3, 4)),
             ((5, 7), (2, 3)), align_corners=False),
     Pyramid("the released ICNet's explicit geometry", (1, 1, 33, 65), (1, 2, 3, 6),
-            ((33, 65), (17, 33), (13, 25), (8, 15)), ((33, 65), (16, 32), (10, 20), (5, 10))),
+            RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES),
 ]
 
 
