@@ -121,3 +121,13 @@ def segmentation_head_reference(features: torch.Tensor, weight: torch.Tensor, bi
 def max_pool_reference(x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
     """Max pooling as ATen computes it (floor mode, no dilation): the values, without indices."""
     return F.max_pool2d(x, kernel_size, stride, padding)
+
+
+def conv2d_epilogue_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              residual: torch.Tensor | None = None, stride: int = 1, padding: int = 0,
+                              dilation: int = 1, relu: bool = False) -> torch.Tensor:
+    """A convolution's inference epilogue as separate ATen ops: conv2d + bias (+ residual) (+ ReLU)."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y

@@ -1,4 +1,4 @@
-"""The Triton-only kernels (segmentation head, max pooling) compile for the GPUs they target, without a GPU:
+"""The Triton-only kernels (segmentation head, max pooling, convolution with epilogue) compile for the GPUs they target, without a GPU:
 the interpreter checks their arithmetic but not that Triton's compiler accepts them (types, dot shapes,
 shared memory), which a GPU session would otherwise find out first."""
 
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from icnet_kernels.triton import max_pool, segmentation_head
+from icnet_kernels.triton import conv2d_epilogue, max_pool, segmentation_head
 
 target = GPUTarget("cuda", int(sys.argv[1]), 32)
 TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -43,6 +43,15 @@ for dtype in (torch.float32, torch.float16):
     block_p, block_c, warps = max_pool._tiles(64)
     compile_kernel(max_pool._max_pool_fwd_kernel, {"x_ptr": TYPES[dtype], "out_ptr": TYPES[dtype]},
                    {"KERNEL": 3, "STRIDE": 2, "PADDING": 1, "BLOCK_P": block_p, "BLOCK_C": block_c}, warps)
+    block_m, block_n, block_k, warps = conv2d_epilogue._tiles(dtype)
+    tensors = {name: TYPES[dtype] for name in ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr")}
+    for split_k in (1, 4):
+        compile_kernel(conv2d_epilogue._conv2d_epilogue_fwd_kernel, {**tensors, "part_ptr": "*fp32"},
+                       {"KSIZE": 3, "STRIDE": 1, "PADDING": 2, "DILATION": 2, "SPLIT_K": split_k, "HAS_RESIDUAL": True,
+                        "RELU": True, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps)
+    compile_kernel(conv2d_epilogue._conv2d_epilogue_sum_kernel, {**tensors, "part_ptr": "*fp32"},
+                   {"SPLIT_K": 4, "HAS_RESIDUAL": True, "RELU": True, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps)
 print("compiled")
 """
 
