@@ -56,3 +56,19 @@ def test_the_second_stream_changes_no_value():
     alone = InferencePlan(model, x, concurrent=False)(x).clone()
     torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-3 * alone.abs().max().item())
     assert (together.argmax(1) == alone.argmax(1)).float().mean() >= 0.999
+
+
+def test_a_tuned_plan_matches_the_reference_on_a_gpu():
+    """tune=True times every convolution (cuDNN or Triton) and the fused ops' implementations; whatever it
+    keeps gives the reference's result."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(ICNet(mode="sub124", fused=False)).eval().cuda()
+    image = torch.randn(1, 3, 257, 513, device="cuda") * 60
+    with torch.inference_mode():
+        exact = model.double()(image.double())
+    model.float()
+    x = image.half().contiguous(memory_format=torch.channels_last)
+    plan = InferencePlan(model, x, tune=True)
+    assert plan.timings and all(len(times) > 1 for times in plan.timings.values())
+    logits = plan(x)
+    assert (logits.argmax(1) == exact.argmax(1)).float().mean() >= MIN_AGREEMENT[torch.float16]

@@ -234,7 +234,7 @@ def test_tuning_keeps_the_fastest_measured_backend_of_each_layer():
     assert e2e_plan.row_fields(plan) == {"plan_choices": plan.choices, "plan_timings_ms": plan.timings}
     assert e2e_plan.row_fields(lambda x: x) == {}
     for layer, times in plan.timings.items():
-        assert set(times) == {"native", "reference"} and all(ms > 0 for ms in times.values())
+        assert set(times) == {"native", "reference"} and all(ms > 0 for ms in times.values())  # no Triton on a CPU
         assert plan.choices[layer] == min(times, key=times.get)
     torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
@@ -244,13 +244,24 @@ def test_choices_from_a_results_file_are_used_as_given():
     model = reference_model("sub124", seed=1)
     choices = {"ppm": "reference", "cff_sub24": "native", "cff_sub12": "reference"}
     plan = InferencePlan(model, image, choices=choices)
-    assert plan.choices == choices and plan.timings is None
+    assert {layer: plan.choices[layer] for layer in choices} == choices and plan.timings is None
     names = ops_of_a_call(plan, image)
     assert names.count("cascade_feature_fusion") == 1 and "pyramid_pool_sum" not in names
     torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
-    assert InferencePlan(reference_model("sub4"), image).choices == {"ppm": None}
-    for bad in ({"cff_sub13": "native"}, {"ppm": "cudnn"}):
+    sub4 = InferencePlan(reference_model("sub4"), image).choices
+    assert sub4.pop("ppm") is None and sub4 and set(sub4.values()) == {"library"}
+    for bad in ({"cff_sub13": "native"}, {"ppm": "cudnn"}, {"conv4.0.reduce": "native"}):
         with pytest.raises(ValueError, match="choices"):
             InferencePlan(model, image, choices=bad)
     with pytest.raises(ValueError, match="choices"):
         InferencePlan(model, image, tune=True, choices=choices)
+
+
+def test_convolutions_chosen_for_triton_run_its_implicit_gemm():
+    """The Triton convolution in the plan's CPU twin (interpreted): conv1_1 on the image itself (stride 4,
+    dilation 2), a dilated 3x3, and a bottleneck's increase with its residual and ReLU."""
+    image, expected, _, _ = built("sub124", EXACT)
+    chosen = ["conv1.0", "conv4.1.conv3x3", "conv5.2.increase"]
+    plan = InferencePlan(reference_model("sub124"), image, choices=dict.fromkeys(chosen, "triton"))
+    assert ops_of_a_call(plan, image).count("conv2d_epilogue_triton") == len(chosen)
+    torch.testing.assert_close(plan(image), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())

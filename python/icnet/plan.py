@@ -45,6 +45,7 @@ from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
 from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, flat_weight_high, fold_bias,
                                                       fold_scale)
+from icnet_kernels.ops.conv2d_epilogue import conv_output_size
 from icnet_kernels.ops.segmentation_head import MAX_ZOOM
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,27 @@ class PlanConv(nn.Module):
         self.epilogue = fused_epilogue(torch.device(device).type, dtype, lambda: memory_format == torch.channels_last,
                                        self.relu, residual)
         self.epilogue_fallback: str | None = None
+        # "library": cuDNN or oneDNN (with the fused epilogue where there is one); "triton": conv2d_epilogue
+        self.backend = "library"
+
+    @staticmethod
+    def backend_candidates(device: torch.device) -> list[str]:
+        return ["library", "triton"] if device.type == "cuda" and triton_usable(device) else ["library"]
+
+    def _split_k(self, x: torch.Tensor) -> int:
+        """Enough programs per output tile for two per multiprocessor where the map's tiles are fewer."""
+        if x.device.type != "cuda":
+            return 1
+        oh, ow = conv_output_size(*x.shape[2:], self.weight.shape[2], self.conv.stride[0], self.conv.padding[0],
+                                  self.conv.dilation[0])
+        tiles = x.shape[0] * -(-oh * ow // 64) * -(-self.weight.shape[0] // 64)
+        return max(1, min(8, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count // tiles))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "triton":
+            return icnet_kernels.conv2d_epilogue(x, self.weight, self.bias, residual, self.conv.stride[0],
+                                                 self.conv.padding[0], self.conv.dilation[0], self.relu,
+                                                 self._split_k(x), backend="triton")
         if self.epilogue is not None:
             try:
                 return self.epilogue(x, self.weight, self.bias, self.conv, self.relu, residual)
