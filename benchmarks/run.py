@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import (cascade_feature_fusion, compile_cache, max_pool, plot, pyramid_pool_sum, report, roofline,
-                        segmentation_head, timing)
+from benchmarks import (cascade_feature_fusion, compile_cache, conv2d_epilogue, max_pool, plot, pyramid_pool_sum,
+                        report, roofline, segmentation_head, timing)
 from benchmarks.case import Case, OpBenchmark
 
 OPS: dict[str, OpBenchmark] = {module.NAME: module for module in (pyramid_pool_sum, cascade_feature_fusion,
-                                                                  segmentation_head, max_pool)}
+                                                                  segmentation_head, max_pool, conv2d_epilogue)}
 BASELINE = "eager"
 
 log = logging.getLogger("benchmarks")
