@@ -118,10 +118,10 @@ def openvino_runner(model: torch.nn.Module, x: torch.Tensor) -> Callable[[torch.
     return run
 
 
-def node_groups(path: Path) -> tuple[dict[str, str], list[str]]:
-    """(name -> layer group, for every node and every node output of the exported graph; the nodes' names in
-    graph order). A node ICNet's forward ran outside its submodules (a resize) takes the group of the next
-    node that has one, the last ones the head's."""
+def node_groups(path: Path) -> dict[str, str]:
+    """name -> layer group, for every node and every node output of the exported graph. A node ICNet's
+    forward ran outside its submodules (a resize) takes the group of the next node that has one, the last
+    ones the head's."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -135,7 +135,7 @@ def node_groups(path: Path) -> tuple[dict[str, str], list[str]]:
         following = group or following
         for name in (node.name, *node.output):
             groups[name] = following
-    return groups, [node.name for node in graph.node]
+    return groups
 
 
 def grouped_ms(events: list[tuple[str, float]], groups: dict[str, str], reorder: Callable[[str], str | None]) -> dict:
@@ -177,7 +177,7 @@ def _ort_reorder(name: str) -> str | None:
 def onnxruntime_group_ms(model: torch.nn.Module, x: torch.Tensor, calls: int, warmup: int = 1) -> dict:
     """ONNX Runtime's node times per layer group, medians over calls (see the module docstring)."""
     path = exported_graph(model, x)
-    groups, _ = node_groups(path)
+    groups = node_groups(path)
     with tempfile.TemporaryDirectory() as folder:
         session = onnxruntime_session(path, profile_prefix=str(Path(folder) / "ort"))
         (name,) = (i.name for i in session.get_inputs())
@@ -197,7 +197,7 @@ def onnxruntime_group_ms(model: torch.nn.Module, x: torch.Tensor, calls: int, wa
 def openvino_group_ms(model: torch.nn.Module, x: torch.Tensor, calls: int, warmup: int = 1) -> dict:
     """OpenVINO's node times per layer group at x's precision, medians over calls."""
     path = exported_graph(model, x)
-    groups, _ = node_groups(path)
+    groups = node_groups(path)
     request = openvino_compiled(path, x.dtype, profile=True).create_infer_request()
     per_call = []
     for call in range(warmup + calls):
