@@ -3,8 +3,8 @@ end-to-end runners (benchmarks.icnet_e2e's "onnxruntime" and "openvino"), and th
 by ICNet's layer groups.
 
 Each runner runs the graph of icnet.export (the reference build's network and weights as standard ONNX),
-exported at the benchmark's input shape (fixed sizes, which the runtimes optimise best), and is handed to
-benchmarks.icnet_e2e, which times it in alternating rounds with the PyTorch builds. ONNX Runtime runs its
+exported at the benchmark's input shape (fixed sizes, as for a deployment at one camera resolution), and is
+handed to benchmarks.icnet_e2e, which times it in alternating rounds with the PyTorch builds. ONNX Runtime runs its
 CPU provider with every optimisation; OpenVINO the CPU device with the latency hint at the configuration's
 precision: f32 for float32 and bf16 for bfloat16 (left to itself, OpenVINO computes a float32 graph in
 bfloat16 on CPUs with native bfloat16). Both use torch's intra-op thread count. A runner whose package is
