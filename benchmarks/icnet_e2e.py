@@ -145,8 +145,10 @@ RUNNERS: dict[str, Runner] = {
     # the static inference plan (benchmarks.e2e_plan): logits, labels without logits, Triton kernels, tuned
     "plan": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=False), _on_gpu),
     "plan-labels": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=True), _on_gpu),
-    "plan-triton": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, "triton"), _on_gpu),
-    "plan-tuned": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, tune=True), _on_gpu),
+    "plan-triton": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, "triton"),
+                          lambda config, device: _on_gpu(config, device) and _goal(config)),
+    "plan-tuned": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, tune=True),
+                         lambda config, device: _on_gpu(config, device) and _goal(config)),
     "reference-compile": Runner(lambda models: models["reference"], _compiled(None),
                                 lambda config, device: _on_gpu(config, device) and _goal(config), compiles=True),
     "fused-compile-max-autotune": Runner(lambda models: models["fused"], _compiled("max-autotune"),
