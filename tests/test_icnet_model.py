@@ -171,3 +171,23 @@ def test_whole_model_traces_under_torch_compile(fused):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,body_channels_last", [(torch.bfloat16, True), (torch.float32, False)])
+def test_cpu_inference_body_layout_and_the_output_in_the_image_layout(dtype, body_channels_last):
+    """bfloat16 CPU inference runs the network after its stem channels_last (where oneDNN fuses its
+    residual sums); float32 keeps the image's layout there. Either way the logits come back in the image's."""
+    model = ICNet(width=0.125).eval().to(dtype)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        return hook
+
+    for name in ("conv4", "cff_sub12"):
+        getattr(model, name).register_forward_hook(record(name))
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 97, 161, dtype=dtype))
+    assert seen == {"conv4": body_channels_last, "cff_sub12": body_channels_last}
+    assert out.is_contiguous() and out.dtype == dtype

@@ -128,7 +128,7 @@ class ICNet(nn.Module):
         self.cls_sub124.channel_groups = ("cff_sub12", "classes")
 
     def forward(self, image: torch.Tensor):
-        stem, layout = self._stem_layout(image), memory_format_of(image)
+        stem, layout = self._stem_layout(image), self._body_layout(image)
         sub2 = caffe_resize(image, shrink=2)
         x = self.conv2(self.pool1(self.conv1(sub2.contiguous(memory_format=stem))))
         conv3_1 = self.conv3_1(x).contiguous(memory_format=layout)
@@ -157,6 +157,17 @@ class ICNet(nn.Module):
             return torch.channels_last
         return memory_format_of(image)
 
+    def _body_layout(self, image: torch.Tensor) -> torch.memory_format:
+        """The layout of everything after the stem, up to the classifier's output.
+
+        The image's own, but channels_last in bfloat16 CPU inference of the fused build: oneDNN fuses a
+        bfloat16 convolution's residual sum only channels_last, and in NCHW its bfloat16 convolutions pass
+        through layout copies (the README has the measurement). The logits return to the image's layout
+        before the final resize, at a sixteenth of the image's pixels."""
+        if self.fused and not self.training and image.device.type == "cpu" and image.dtype == torch.bfloat16:
+            return torch.channels_last
+        return memory_format_of(image)
+
     def _fuse(self, cff, low, high):
         """A CFF unit's output and, in training only, up(low) for the label-guidance classifier: inference
         does not compute or store the upsampled map."""
@@ -172,9 +183,11 @@ class ICNet(nn.Module):
         resize to the image (both are piecewise-linear interpolation through the same samples, align_corners),
         so the result is the same with the classifier run on a quarter of the pixels and one resize less.
         """
+        layout = memory_format_of(image)
         if self.fused and tuple(size) == _zoom2(features):
-            return caffe_resize(classifier(features), size=image.shape[-2:])
-        return caffe_resize(classifier(caffe_resize(features, size=size)), size=image.shape[-2:])
+            return caffe_resize(classifier(features).contiguous(memory_format=layout), size=image.shape[-2:])
+        logits = classifier(caffe_resize(features, size=size)).contiguous(memory_format=layout)
+        return caffe_resize(logits, size=image.shape[-2:])
 
     @staticmethod
     def _eighth(image):
