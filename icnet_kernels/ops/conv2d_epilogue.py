@@ -19,6 +19,7 @@ from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.inference_only import register_inference_only
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 7  # the reduction's taps come from a compile-time window size
@@ -106,19 +107,4 @@ def conv2d_epilogue_fake(x, weight, bias, residual, stride, padding, dilation, r
                        memory_format=memory_format_of(x))
 
 
-def conv2d_epilogue_setup_context(ctx, inputs, output):
-    pass
-
-
-def conv2d_epilogue_backward(ctx, grad):
-    raise RuntimeError("icnet::conv2d_epilogue_triton is inference-only and has no backward; train through "
-                       "icnet_kernels.conv2d_epilogue(..., backend='reference')")
-
-
-def _register():
-    torch.library.register_fake(torch.ops.icnet.conv2d_epilogue_triton.default)(conv2d_epilogue_fake)
-    torch.library.register_autograd(torch.ops.icnet.conv2d_epilogue_triton.default, conv2d_epilogue_backward,
-                                    setup_context=conv2d_epilogue_setup_context)
-
-
-_register()
+register_inference_only("conv2d_epilogue_triton", conv2d_epilogue_fake, "conv2d_epilogue")

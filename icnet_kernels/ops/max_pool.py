@@ -18,6 +18,7 @@ from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.inference_only import register_inference_only
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 16  # the kernel unrolls the window's taps
@@ -78,19 +79,4 @@ def max_pool_fake(x, kernel_size, stride, padding):
                        memory_format=memory_format_of(x))
 
 
-def max_pool_setup_context(ctx, inputs, output):
-    pass
-
-
-def max_pool_backward(ctx, grad):
-    raise RuntimeError("icnet::max_pool_triton is inference-only and has no backward (it keeps no indices); "
-                       "train through icnet_kernels.max_pool(..., backend='reference')")
-
-
-def _register():
-    torch.library.register_fake(torch.ops.icnet.max_pool_triton.default)(max_pool_fake)
-    torch.library.register_autograd(torch.ops.icnet.max_pool_triton.default, max_pool_backward,
-                                    setup_context=max_pool_setup_context)
-
-
-_register()
+register_inference_only("max_pool_triton", max_pool_fake, "max_pool")

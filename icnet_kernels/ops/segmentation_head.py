@@ -18,6 +18,7 @@ from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.inference_only import register_inference_only
 from icnet_kernels.ops.cascade_feature_fusion import flat_weight_high
 
 INT32_MAX = 2**31 - 1
@@ -130,20 +131,5 @@ def segmentation_head_labels_fake(features, weight, bias, zoom):
     return torch.empty((features.shape[0], *zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
 
 
-def segmentation_head_setup_context(ctx, inputs, output):
-    pass
-
-
-def segmentation_head_backward(ctx, grad):
-    raise RuntimeError("icnet::segmentation_head_triton is inference-only and has no backward; train through "
-                       "icnet_kernels.segmentation_head(..., backend='reference')")
-
-
-def _register():
-    torch.library.register_fake(torch.ops.icnet.segmentation_head_triton.default)(segmentation_head_fake)
-    torch.library.register_fake(torch.ops.icnet.segmentation_head_labels_triton.default)(segmentation_head_labels_fake)
-    torch.library.register_autograd(torch.ops.icnet.segmentation_head_triton.default, segmentation_head_backward,
-                                    setup_context=segmentation_head_setup_context)
-
-
-_register()
+register_inference_only("segmentation_head_triton", segmentation_head_fake, "segmentation_head")
+torch.library.register_fake(torch.ops.icnet.segmentation_head_labels_triton.default)(segmentation_head_labels_fake)
