@@ -32,6 +32,7 @@ import icnet_kernels
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference, pyramid_pool_sum
 from icnet_kernels import pyramid_pool_sum_reference
 from icnet.model import RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
+from tests.cascade_feature_fusion_cases import Geometry
 from tests.helpers import ATOL, assert_within_budget, in_layout
 
 NATIVE = icnet_kernels.native_available()
@@ -61,51 +62,48 @@ def one_thread():
 # cascade feature fusion
 
 @dataclass(frozen=True)
-class Cff:
-    path: str
-    why: str
-    n: int
-    cl: int
-    ch: int
-    co: int
-    h: int
-    w: int
-    H: int
-    W: int
-    dilation: int
-    align_corners: bool
+class Cff(Geometry):
+    """A fixed CFF case: its geometry, the path it is built to reach, and why."""
+    kernel_path: str = ""
+    why: str = ""
     partial_block: bool = False  # blocked path: the last row block is partial under every thread count tested
 
     def __str__(self):
-        return (f"{self.path}: {self.why} (n={self.n} cl={self.cl} ch={self.ch} co={self.co} {self.h}x{self.w}->"
-                f"{self.H}x{self.W} d={self.dilation} ac={int(self.align_corners)})")
+        return (f"{self.kernel_path}: {self.why} (n={self.n} cl={self.cl} ch={self.ch} co={self.co} "
+                f"{self.h}x{self.w}->{self.H}x{self.W} d={self.dilation} ac={int(self.align_corners)})")
+
+
+def cff(kernel_path: str, why: str, *geometry, partial_block: bool = False) -> Cff:
+    """Cff from the path, the reason and the Geometry fields in order (n, cl, ch, co, h, w, H, W, dilation,
+    align_corners)."""
+    return Cff(*geometry, kernel_path=kernel_path, why=why, partial_block=partial_block)
 
 
 CPU_CFF = [
-    Cff("shortcut-winograd", "3x3 map: rows 1 and H-2, columns 1 and W-2 coincide", 1, 3, 2, 5, 2, 2, 3, 3, 2, True),
-    Cff("shortcut-winograd", "H = 3 only", 1, 2, 3, 4, 2, 6, 3, 11, 2, True),
-    Cff("shortcut-winograd", "W = 3 only", 2, 2, 1, 3, 5, 2, 9, 3, 2, True),
-    Cff("shortcut-winograd", "odd low map, channels off the 16-channel blocks, batch 2", 2, 17, 5, 18, 5, 7, 9, 13,
+    cff("shortcut-winograd", "3x3 map: rows 1 and H-2, columns 1 and W-2 coincide", 1, 3, 2, 5, 2, 2, 3, 3, 2, True),
+    cff("shortcut-winograd", "H = 3 only", 1, 2, 3, 4, 2, 6, 3, 11, 2, True),
+    cff("shortcut-winograd", "W = 3 only", 2, 2, 1, 3, 5, 2, 9, 3, 2, True),
+    cff("shortcut-winograd", "odd low map, channels off the 16-channel blocks, batch 2", 2, 17, 5, 18, 5, 7, 9, 13,
         2, True),
-    Cff("shortcut-direct", "float32 past Winograd's 16 MiB of transformed data", 1, 4, 2, 4, 363, 363, 725, 725,
+    cff("shortcut-direct", "float32 past Winograd's 16 MiB of transformed data", 1, 4, 2, 4, 363, 363, 725, 725,
         2, True),
-    Cff("tap-first", "one partial block of output channels", 1, 3, 2, 5, 3, 4, 7, 9, 2, True),
-    Cff("tap-first", "two output-channel blocks, the last partial, batch 2", 2, 3, 2, 20, 4, 5, 9, 11, 1, False),
-    Cff("tap-first", "dilation past the map", 1, 2, 2, 3, 2, 3, 4, 7, 5, True),
-    Cff("tap-first", "exact 2x zoom without align_corners", 1, 3, 2, 4, 4, 5, 7, 9, 2, False),
-    Cff("tap-first", "exact 2x zoom at dilation 3", 1, 3, 2, 4, 4, 4, 7, 7, 3, True),
-    Cff("tap-first", "no resize along y", 1, 3, 2, 4, 6, 3, 6, 9, 2, True),
-    Cff("tap-first", "exactly half of high's pixels", 1, 3, 2, 4, 2, 4, 4, 4, 1, False),
-    Cff("tap-first", "1x1 low map", 2, 2, 3, 3, 1, 1, 4, 5, 2, True),
-    Cff("blocked", "last row block partial", 1, 3, 2, 5, 5, 3, 7, 3, 2, True, partial_block=True),
-    Cff("blocked", "the random search's 3x1 -> 5x1", 1, 2, 2, 3, 3, 1, 5, 1, 2, True),
-    Cff("blocked", "batch 2, blocks across images", 2, 3, 2, 4, 5, 4, 7, 5, 2, False),
-    Cff("blocked", "rows per block capped by the cache (W = 1500)", 1, 2, 2, 3, 5, 800, 5, 1500, 2, True),
-    Cff("blocked", "no resize at all", 2, 3, 3, 4, 6, 7, 6, 7, 1, True),
-    Cff("blocked", "dilation past the map", 1, 2, 2, 3, 4, 4, 5, 5, 6, True),
-    Cff("blocked", "non-integer ratio without align_corners", 1, 3, 2, 4, 5, 6, 6, 8, 2, False),
-    Cff("blocked", "one row", 1, 2, 2, 3, 1, 5, 1, 7, 2, True),
-    Cff("blocked", "1x1 maps", 1, 2, 2, 3, 1, 1, 1, 1, 2, True),
+    cff("tap-first", "one partial block of output channels", 1, 3, 2, 5, 3, 4, 7, 9, 2, True),
+    cff("tap-first", "two output-channel blocks, the last partial, batch 2", 2, 3, 2, 20, 4, 5, 9, 11, 1, False),
+    cff("tap-first", "dilation past the map", 1, 2, 2, 3, 2, 3, 4, 7, 5, True),
+    cff("tap-first", "exact 2x zoom without align_corners", 1, 3, 2, 4, 4, 5, 7, 9, 2, False),
+    cff("tap-first", "exact 2x zoom at dilation 3", 1, 3, 2, 4, 4, 4, 7, 7, 3, True),
+    cff("tap-first", "no resize along y", 1, 3, 2, 4, 6, 3, 6, 9, 2, True),
+    cff("tap-first", "exactly half of high's pixels", 1, 3, 2, 4, 2, 4, 4, 4, 1, False),
+    cff("tap-first", "1x1 low map", 2, 2, 3, 3, 1, 1, 4, 5, 2, True),
+    cff("blocked", "last row block partial", 1, 3, 2, 5, 5, 3, 7, 3, 2, True, partial_block=True),
+    cff("blocked", "the random search's 3x1 -> 5x1", 1, 2, 2, 3, 3, 1, 5, 1, 2, True),
+    cff("blocked", "batch 2, blocks across images", 2, 3, 2, 4, 5, 4, 7, 5, 2, False),
+    cff("blocked", "rows per block capped by the cache (W = 1500)", 1, 2, 2, 3, 5, 800, 5, 1500, 2, True),
+    cff("blocked", "no resize at all", 2, 3, 3, 4, 6, 7, 6, 7, 1, True),
+    cff("blocked", "dilation past the map", 1, 2, 2, 3, 4, 4, 5, 5, 6, True),
+    cff("blocked", "non-integer ratio without align_corners", 1, 3, 2, 4, 5, 6, 6, 8, 2, False),
+    cff("blocked", "one row", 1, 2, 2, 3, 1, 5, 1, 7, 2, True),
+    cff("blocked", "1x1 maps", 1, 2, 2, 3, 1, 1, 1, 1, 2, True),
 ]
 
 
@@ -165,7 +163,7 @@ def observed_cff_path(c: Cff):
 @pytest.mark.parametrize("c", CPU_CFF, ids=str)
 def test_cff_cpu_path(c: Cff, threads):
     path, rows = observed_cff_path(c)
-    assert path == c.path, f"{c} took the {path} path"
+    assert path == c.kernel_path, f"{c} took the {path} path"
     if c.partial_block:
         assert c.H % rows != 0, f"{c}: {rows} rows per block divide H under {threads} threads"
     if c.H * c.W > 100_000:  # the large map is there for its path alone
@@ -178,13 +176,13 @@ def test_cff_cpu_path(c: Cff, threads):
 
 
 TRITON_CFF = [
-    Cff("general", "partial pixel and channel tiles, two K blocks of low and of high", 1, 17, 17, 17, 3, 4, 5, 7, 1,
+    cff("general", "partial pixel and channel tiles, two K blocks of low and of high", 1, 17, 17, 17, 3, 4, 5, 7, 1,
         False),
-    Cff("general", "no resize (one source per tap), batch 2", 2, 3, 2, 5, 4, 5, 4, 5, 2, True),
-    Cff("general", "align_corners, dilation past the map", 1, 2, 3, 3, 2, 3, 4, 6, 5, True),
-    Cff("shortcut", "three launches, partial tiles, two channel tiles", 1, 17, 3, 17, 4, 5, 7, 9, 2, True),
-    Cff("shortcut", "batch 2", 2, 2, 3, 3, 3, 4, 5, 7, 2, True),
-    Cff("shortcut", "3x3 map: every pixel but the corners is a border pixel", 1, 3, 2, 4, 2, 2, 3, 3, 2, True),
+    cff("general", "no resize (one source per tap), batch 2", 2, 3, 2, 5, 4, 5, 4, 5, 2, True),
+    cff("general", "align_corners, dilation past the map", 1, 2, 3, 3, 2, 3, 4, 6, 5, True),
+    cff("shortcut", "three launches, partial tiles, two channel tiles", 1, 17, 3, 17, 4, 5, 7, 9, 2, True),
+    cff("shortcut", "batch 2", 2, 2, 3, 3, 3, 4, 5, 7, 2, True),
+    cff("shortcut", "3x3 map: every pixel but the corners is a border pixel", 1, 3, 2, 4, 2, 2, 3, 3, 2, True),
 ]
 
 
@@ -192,7 +190,7 @@ TRITON_CFF = [
 @pytest.mark.parametrize("c", TRITON_CFF, ids=str)
 def test_cff_triton_path(c: Cff, one_thread):
     shortcut = c.align_corners and c.dilation == 2 and (c.H, c.W) == (2 * c.h - 1, 2 * c.w - 1)
-    assert shortcut == (c.path == "shortcut"), f"{c} is not on its path"
+    assert shortcut == (c.kernel_path == "shortcut"), f"{c} is not on its path"
     # the interpreter runs every program in Python: the wide cases skip the strided view the others cover
     layouts = ("contiguous", "channels_last") if c.cl > 16 else ("contiguous", "channels_last", "strided")
     for seed, layout in enumerate(layouts):
