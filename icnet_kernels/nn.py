@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from icnet_kernels.ops import Pair, cascade_feature_fusion, pyramid_pool_sum
+from icnet_kernels.ops import Pair, pyramid_pool_sum
 from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, fold_bias, fold_dtype,
                                                       fold_scale, flat_weight_high)
 
@@ -90,12 +90,7 @@ class CascadeFeatureFusion(nn.Module):
                                            align_corners=self.align_corners)
             out = torch.relu(self.bn_low(self.conv_low(up)) + self.bn_high(self.conv_high(high)))
             return (out, up) if return_upsampled else out
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            scale_low, shift_low = folded_batch_norm(self.bn_low)
-            scale_high, shift_high = folded_batch_norm(self.bn_high)
-            return cascade_feature_fusion(low, high, self.conv_low.weight, self.conv_high.weight, scale_low,
-                                          shift_low, scale_high, shift_high, self.dilation, self.align_corners,
-                                          return_upsampled, self.backend)
+        # with autograd recording or under torch.compile the cache folds on every call, inside the graph
         tensors = (self.conv_low.weight, self.conv_high.weight, *_batch_norm_tensors(self.bn_low),
                    *_batch_norm_tensors(self.bn_high))
         weight_low, weight_high, bias = self._folded.get(tensors, lambda: self._fold(low.dtype), low.dtype)

@@ -20,7 +20,7 @@ from icnet_kernels import reference
 from icnet_kernels._native import native_available
 from icnet_kernels.backends import choose_backend
 from icnet_kernels.cff_geometry import output_memory_format
-from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.arguments import exact_int, require, tensor_argument
 
 INT32_MAX = 2**31 - 1
 
@@ -53,17 +53,11 @@ def check_cascade_feature_fusion_args(low, high, weight_low, weight_high, bias, 
     require(bias.dim() == 1 and bias.shape[0] == co, f"{op}: bias must be [{co}], got {list(bias.shape)}")
 
 
-def _tensor_argument(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
-    return value
-
-
 def _per_channel(name: str, value, co: int, like: torch.Tensor) -> torch.Tensor | None:
     """A BatchNorm scale or shift: None, or a real floating-point [Co] tensor on like's device."""
     if value is None:
         return None
-    value = _tensor_argument(name, value)
+    value = tensor_argument(name, value)
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a real floating-point tensor, got {value.dtype}")
     if value.shape != (co,):
@@ -71,6 +65,13 @@ def _per_channel(name: str, value, co: int, like: torch.Tensor) -> torch.Tensor 
     if value.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {value.device}")
     return value
+
+
+def _or_constant(value: torch.Tensor | None, constant: float, co: int, like: torch.Tensor) -> torch.Tensor:
+    """A scale or shift in like's dtype, the constant on every channel where it is None (the reference's form)."""
+    if value is None:
+        return torch.full((co,), constant, dtype=like.dtype, device=like.device)
+    return value.to(like.dtype)
 
 
 def fold_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,7 +120,7 @@ def cascade_feature_fusion(low: torch.Tensor, high: torch.Tensor, weight_low: to
     inputs. With return_upsampled, also returns resize(low), which ICNet's training-time classifier needs.
     """
     for name, t in (("low", low), ("high", high), ("weight_low", weight_low), ("weight_high", weight_high)):
-        _tensor_argument(name, t)
+        tensor_argument(name, t)
     dilation = exact_int("dilation", dilation)
     for name, flag in (("align_corners", align_corners), ("return_upsampled", return_upsampled)):
         if not isinstance(flag, bool):
@@ -128,21 +129,19 @@ def cascade_feature_fusion(low: torch.Tensor, high: torch.Tensor, weight_low: to
     scale_low, shift_low, scale_high, shift_high = (
         _per_channel(name, value, co, low) for name, value in
         (("scale_low", scale_low), ("shift_low", shift_low), ("scale_high", scale_high), ("shift_high", shift_high)))
-    folded_low = fold_scale(weight_low, scale_low)
-    folded_high = fold_scale(flat_weight_high(weight_high), scale_high)
+    weight_high = flat_weight_high(weight_high)
     bias = fold_bias(co, shift_low, shift_high, low)
     backend = choose_backend(backend, low)
     if backend == "reference":
-        check_cascade_feature_fusion_args(low, high, folded_low, folded_high, bias, dilation, align_corners)
-        ones, zeros = torch.ones(co, dtype=low.dtype, device=low.device), torch.zeros(co, dtype=low.dtype,
-                                                                                        device=low.device)
+        # folding keeps the weights' shapes and dtypes, so the unfolded ones are checked as the op would be
+        check_cascade_feature_fusion_args(low, high, weight_low, weight_high, bias, dilation, align_corners)
         out = reference.cascade_feature_fusion_reference(
-            low, high, weight_low, ones if scale_low is None else scale_low.to(low.dtype),
-            zeros if shift_low is None else shift_low.to(low.dtype), flat_weight_high(weight_high),
-            ones if scale_high is None else scale_high.to(low.dtype),
-            zeros if shift_high is None else shift_high.to(low.dtype), dilation, align_corners)
+            low, high, weight_low, _or_constant(scale_low, 1.0, co, low), _or_constant(shift_low, 0.0, co, low),
+            weight_high, _or_constant(scale_high, 1.0, co, low), _or_constant(shift_high, 0.0, co, low), dilation,
+            align_corners)
     else:
-        out = cascade_feature_fusion_folded(low, high, folded_low, folded_high, bias, dilation, align_corners,
+        out = cascade_feature_fusion_folded(low, high, fold_scale(weight_low, scale_low),
+                                            fold_scale(weight_high, scale_high), bias, dilation, align_corners,
                                             backend)
     if not return_upsampled:
         return out

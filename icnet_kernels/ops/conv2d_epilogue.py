@@ -18,10 +18,9 @@ import torch
 from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
-from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.arguments import exact_int, require, require_feature_map, tensor_argument
 from icnet_kernels.ops.inference_only import register_inference_only
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 7  # the reduction's taps come from a compile-time window size
 MAX_SPLIT_K = 64  # the partial sums are added in an unrolled loop
 
@@ -37,11 +36,7 @@ def check_conv2d_epilogue_args(x, weight, bias, residual, stride: int, padding: 
     """Raises ValueError naming the argument. kernel: the Triton kernel's dtypes only (float64 is the
     reference's alone)."""
     op = "conv2d_epilogue"
-    require(x.dim() == 4, f"{op}: x must be a 4-D tensor [N, Ci, H, W], got {x.dim()} dimensions")
-    require(x.is_floating_point(), f"{op}: x must be floating point, got {x.dtype}")
-    if kernel:
-        require(x.dtype in KERNEL_DTYPES, f"{op}: x must be float32, float16 or bfloat16 for the Triton kernel, "
-                f"got {x.dtype}")
+    require_feature_map(op, "x", x, "N, Ci, H, W", kernel)
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is None:
             continue
@@ -74,8 +69,7 @@ def conv2d_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     weight [Co, Ci, k, k], bias [Co], residual (optional) the output's shape. backend: None (Triton where it
     runs, else the reference), "triton" or "reference"."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        tensor_argument(name, t)
     if residual is not None and not isinstance(residual, torch.Tensor):
         raise ValueError(f"residual must be a tensor or None, got {type(residual).__name__}")
     if not isinstance(relu, bool):

@@ -17,10 +17,9 @@ import torch
 from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
-from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.arguments import exact_int, require, require_feature_map
 from icnet_kernels.ops.inference_only import register_inference_only
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 16  # the kernel unrolls the window's taps
 
 
@@ -33,11 +32,7 @@ def check_max_pool_args(x, kernel_size: int, stride: int, padding: int, kernel: 
     """Raises ValueError naming the argument. kernel: the Triton kernel's dtypes only (float64 is the
     reference's alone)."""
     op = "max_pool"
-    require(x.dim() == 4, f"{op}: x must be a 4-D tensor [N, C, H, W], got {x.dim()} dimensions")
-    require(x.is_floating_point(), f"{op}: x must be floating point, got {x.dtype}")
-    if kernel:
-        require(x.dtype in KERNEL_DTYPES, f"{op}: x must be float32, float16 or bfloat16 for the Triton kernel, "
-                f"got {x.dtype}")
+    require_feature_map(op, "x", x, "N, C, H, W", kernel)
     require(1 <= kernel_size <= MAX_KERNEL, f"{op}: kernel_size must be in [1, {MAX_KERNEL}], got {kernel_size}")
     require(stride >= 1, f"{op}: stride must be at least 1, got {stride}")
     require(0 <= padding <= kernel_size // 2,

@@ -17,14 +17,13 @@ import torch
 from icnet_kernels import reference
 from icnet_kernels.backends import choose_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
-from icnet_kernels.ops.arguments import exact_int, require
+from icnet_kernels.ops.arguments import exact_int, require, require_feature_map, tensor_argument
 from icnet_kernels.ops.inference_only import register_inference_only
 from icnet_kernels.ops.cascade_feature_fusion import flat_weight_high
 
 INT32_MAX = 2**31 - 1
 MAX_ZOOM = 64  # the kernel unrolls its loop over a program's zoom output rows
 MAX_LABEL_CLASSES = 256  # labels are uint8
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def zoomed_size(features, zoom) -> tuple[int, int]:
@@ -37,11 +36,7 @@ def check_segmentation_head_args(features, weight, bias, zoom: int, labels: bool
     """Raises ValueError naming the argument. kernel: the Triton kernel's dtypes only (float64 is the
     reference's alone)."""
     op = "segmentation_head_labels" if labels else "segmentation_head"
-    require(features.dim() == 4, f"{op}: features must be a 4-D tensor [N, K, h, w], got {features.dim()} dimensions")
-    require(features.is_floating_point(), f"{op}: features must be floating point, got {features.dtype}")
-    if kernel:
-        require(features.dtype in KERNEL_DTYPES,
-                f"{op}: features must be float32, float16 or bfloat16 for the Triton kernel, got {features.dtype}")
+    require_feature_map(op, "features", features, "N, K, h, w", kernel)
     for name, t in (("weight", weight), ("bias", bias)):
         require(t.dtype == features.dtype, f"{op}: {name} must have features' dtype {features.dtype}, got {t.dtype}")
         require(t.device == features.device,
@@ -62,14 +57,8 @@ def check_segmentation_head_args(features, weight, bias, zoom: int, labels: bool
                 f"{op}: labels are uint8, so weight may have at most {MAX_LABEL_CLASSES} classes, got {c}")
 
 
-def _tensor_argument(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
-    return value
-
-
 def _run(features, weight, bias, zoom, labels: bool, backend):
-    features, weight, bias = (_tensor_argument(name, t) for name, t in
+    features, weight, bias = (tensor_argument(name, t) for name, t in
                               (("features", features), ("weight", weight), ("bias", bias)))
     zoom = exact_int("zoom", zoom)
     weight = flat_weight_high(weight)
