@@ -24,6 +24,10 @@ log = logging.getLogger("benchmarks")
 META = "meta.json"
 # The device tool returns files of up to 16 MiB: the oldest blobs give way to the newest beyond that.
 MAX_BYTES = 15 * 2**20
+# The set this process last saved to each file. torch's serializer is cumulative within a process: each
+# save_cache_artifacts() returns everything compiled so far, so a later set holds the earlier one and
+# replaces it rather than joining it.
+_SAVED_BY_THIS_PROCESS: dict[Path, bytes] = {}
 
 
 def environment(device: torch.device) -> dict:
@@ -65,8 +69,8 @@ def load(path: Path, device: torch.device) -> dict:
 
 
 def save(path: Path, device: torch.device) -> dict:
-    """Adds the artifacts compiled in this process since the last save to path (rewritten whole, so a run
-    killed meanwhile leaves the previous file)."""
+    """Adds the artifacts compiled in this process to path, in place of the set this process saved there
+    before (rewritten whole, so a run killed meanwhile leaves the previous file)."""
     blobs, _ = read_blobs(path, device)
     try:
         new = torch.compiler.save_cache_artifacts()
@@ -74,7 +78,11 @@ def save(path: Path, device: torch.device) -> dict:
         log.warning("compile cache: saving failed: %s: %s", type(exc).__name__, exc)
         return {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}
     if new is not None and new[0] not in blobs:
+        earlier = _SAVED_BY_THIS_PROCESS.get(path.resolve())
+        if earlier in blobs:
+            blobs.remove(earlier)
         blobs.append(new[0])
+        _SAVED_BY_THIS_PROCESS[path.resolve()] = new[0]
     while len(blobs) > 1 and sum(map(len, blobs)) > MAX_BYTES:
         blobs.pop(0)
     if not blobs:

@@ -172,17 +172,22 @@ def test_memcheck_log_gives_the_sanitizer_errors_and_each_case():
 
 def test_compile_cache_is_loaded_only_in_the_environment_it_was_made_in(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    made, loaded = [b"first", b"second"], []
+    # torch's serializer is cumulative within a process: each save returns all that was compiled so far
+    made, loaded = [b"first", b"first+second"], []
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (made.pop(0), None) if made else None)
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: loaded.append(blob) or "info")
+    monkeypatch.setattr(compile_cache, "_SAVED_BY_THIS_PROCESS", {})
     path = tmp_path / "cache.zip"
     assert compile_cache.load(path, cpu)["reason"].startswith("no cache file")
     assert compile_cache.save(path, cpu)["sets"] == 1
+    assert compile_cache.save(path, cpu)["sets"] == 1  # the second set holds the first
+    monkeypatch.setattr(compile_cache, "_SAVED_BY_THIS_PROCESS", {})  # a later process
+    made.append(b"third")
     assert compile_cache.save(path, cpu)["sets"] == 2
     assert compile_cache.save(path, cpu)["sets"] == 2  # nothing new compiled
     assert compile_cache.load(path, cpu) == {"file": "cache.zip", "loaded_sets": 2, "sets": 2,
                                              "reason": "same environment"}
-    assert loaded == [b"first", b"second"]
+    assert loaded == [b"first+second", b"third"]
     monkeypatch.setattr(compile_cache, "environment", lambda device: {"device": "another GPU"})
     record = compile_cache.load(path, cpu)
     assert record["loaded_sets"] == 0 and record["reason"].startswith("made for")
