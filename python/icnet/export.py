@@ -7,7 +7,6 @@ custom domain or function. The export is the inference graph: the image preproce
 in, the chosen mode's logits at the image's size out.
 """
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def export_graph_model(model: ICNet) -> ICNet:
         raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
     graph_model = ICNet(num_classes=model.num_classes, width=model.width, mode=model.mode, fused=False,
                         channels=model.channels)
-    graph_model.load_state_dict(copy.deepcopy(model.state_dict()))
+    graph_model.load_state_dict(model.state_dict())
     graph_model.ppm = ShapeSwitchedPyramidPooling()
     return graph_model.to(device="cpu", dtype=torch.float32).eval()
 

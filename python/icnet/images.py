@@ -85,9 +85,3 @@ def preprocess(rgb: np.ndarray) -> torch.Tensor:
 
 def write_label_map(path, labels: np.ndarray) -> None:
     Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
-
-
-def write_overlay(path, rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> None:
-    colours = palette[np.clip(labels, 0, len(palette) - 1)]
-    blended = (1 - alpha) * rgb.astype(np.float32) + alpha * colours.astype(np.float32)
-    Image.fromarray(blended.round().astype(np.uint8)).save(path)

@@ -82,9 +82,10 @@ class ConvBN(nn.Module):
 
 
 def epilogue_fallbacks(model: nn.Module) -> dict[str, str]:
-    """{submodule name: reason} for every ConvBN of model whose fused epilogue fell back to the plain path."""
+    """{submodule name: reason} for every convolution of model (a ConvBN, or an inference plan's folded one)
+    whose fused epilogue fell back to the plain path."""
     return {name: module.epilogue_fallback for name, module in model.named_modules()
-            if isinstance(module, ConvBN) and module.epilogue_fallback is not None}
+            if getattr(module, "epilogue_fallback", None) is not None}
 
 
 def _channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:

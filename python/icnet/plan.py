@@ -37,9 +37,9 @@ from torch import nn
 
 import icnet_kernels
 from icnet.graphs import CudaGraphRunner
-from icnet.layers import Bottleneck, ConvBN, caffe_resize, fused_epilogue
+from icnet.layers import Bottleneck, ConvBN, caffe_resize, epilogue_fallbacks, fused_epilogue
 from icnet import plan_tuning
-from icnet.model import ICNet, PyramidPooling
+from icnet.model import ICNet, PyramidPooling, _zoom2
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
@@ -93,8 +93,7 @@ class PlanConv(nn.Module):
                  residual: bool = False):
         """residual: whether a residual joins this convolution's epilogue (a bottleneck's increase)."""
         super().__init__()
-        scale, shift = folded_batch_norm(module.bn)
-        weight = module.conv.weight.to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+        weight, shift = module._fold()
         self.register_buffer("weight", weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format))
         self.register_buffer("bias", shift.to(device=device, dtype=dtype))
         conv = module.conv  # its hyper-parameters only: the plan keeps no reference to the model's tensors
@@ -278,11 +277,6 @@ class PlanNetwork(nn.Module):
         return self.head(sub12, _zoom2(sub12), image_size)
 
 
-def _zoom2(x) -> tuple[int, int]:
-    h, w = x.shape[-2:]
-    return 2 * h - 1, 2 * w - 1
-
-
 class InferencePlan:
     """ICNet inference for one input shape, dtype, layout and device, built once.
 
@@ -342,8 +336,7 @@ class InferencePlan:
                              f"({self.layout}), got {got[0]} {got[1]} on {got[2]} ({got[3]})")
 
     def epilogue_fallbacks(self) -> dict[str, str]:
-        return {name: m.epilogue_fallback for name, m in self.network.named_modules()
-                if isinstance(m, PlanConv) and m.epilogue_fallback is not None}
+        return epilogue_fallbacks(self.network)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         self.check(image)

@@ -52,11 +52,6 @@ def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batc
     return Segmenter(model, class_names, preprocessing, device, dtype, channels_last, batch_size)
 
 
-def build_model(weights, mode: str, device, dtype, channels_last: bool):
-    segmenter = build_segmenter(weights, mode, device, dtype, channels_last)
-    return segmenter.model, segmenter.class_names
-
-
 def _check_inputs(files) -> None:
     """No two files write the same outputs (named by the file's stem), and every one decodes."""
     by_stem = {}
