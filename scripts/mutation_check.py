@@ -314,7 +314,7 @@ def run(args, chosen: list[Mutation]) -> int:
 
     # Python mutations first: they run on the clean build, which a restored C++ mutation leaves stale
     order = sorted(chosen, key=lambda m: sites[m.name].path.suffix in COMPILED)
-    outcomes, stale_build = [], False
+    outcomes = []
     for i, m in enumerate(order, 1):
         site = sites[m.name]
         compiled = site.path.suffix in COMPILED
@@ -323,7 +323,7 @@ def run(args, chosen: list[Mutation]) -> int:
         t0 = time.monotonic()
         site.path.write_text(site.mutated_text)
         try:
-            if compiled or stale_build:
+            if compiled:
                 try:
                     build(tree, build_dir, args.jobs, build_log)
                 except SetupError as error:
@@ -334,7 +334,6 @@ def run(args, chosen: list[Mutation]) -> int:
                                            args.workdir / "junit.xml")
         finally:
             site.path.write_text(site.original_text)
-            stale_build = stale_build or compiled
         if code is None:
             outcome = Outcome(m, where, "killed", f"timeout after {args.timeout:.0f} s")
         elif code == 0:
