@@ -38,9 +38,7 @@ def run_peers(config: icnet_e2e.Config, repeat: int, peaks: roofline.Peaks, on_r
     device = torch.device("cpu")
     runners = [name for name in RUNNERS if icnet_e2e.RUNNERS[name].applies(config, device)]
     rows = []
-    icnet_e2e.run_config(config, device, EFFORT, peaks, runners, rows.append)
-    models = icnet_e2e.build_models(config, device)  # the same seed: the weights the runners ran
-    x = (torch.randn(config.batch, 3, *config.size) * 60).to(config.dtype)
+    models, x = icnet_e2e.run_config(config, device, EFFORT, peaks, runners, rows.append)
     for row in rows:
         row["repeat"] = repeat
         if row["runner"] in e2e_onnx.PROFILERS and "p50_ms" in row:

@@ -220,8 +220,9 @@ EAGER_RUNNERS = ("reference-eager", "fused-eager")
 
 
 def run_config(config: Config, device: torch.device, effort: timing.Effort, peaks: roofline.Peaks,
-               runners: list[str], on_row: Callable[[dict], None]) -> None:
-    """Measures the named runners on one configuration in their order, handing each finished row to on_row."""
+               runners: list[str], on_row: Callable[[dict], None]) -> tuple[dict, torch.Tensor]:
+    """Measures the named runners on one configuration in their order, handing each finished row to on_row;
+    returns the models and the input they ran, for a caller that profiles them after."""
     models = build_models(config, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     cost = network_cost.icnet_cost(config.mode, config.batch, config.dtype, layout, config.size)
@@ -269,6 +270,7 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                 pending = []
         if pending:  # on the CPU the runners take turns, so that a slow spell falls on all of them alike
             finish(pending)
+    return models, x
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:

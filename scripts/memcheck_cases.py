@@ -28,19 +28,17 @@ import icnet_kernels  # noqa: E402
 from benchmarks.cascade_feature_fusion import eager_cascade_feature_fusion  # noqa: E402
 from benchmarks.pyramid_pool_sum import eager_pyramid_pool_sum  # noqa: E402
 from icnet_kernels.reference import cascade_feature_fusion_reference, pyramid_pool_sum_reference  # noqa: E402
-from icnet.model import RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES  # noqa: E402
-from tests.helpers import ATOL, in_layout  # noqa: E402
+from icnet.model import PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES  # noqa: E402
+from tests.helpers import ATOL, LAYOUTS, in_layout  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "strided")
-RELEASED_KERNELS, RELEASED_STRIDES = RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
 
 
 @dataclass(frozen=True)
 class PyramidCase:
     name: str
     shape: tuple[int, int, int, int]
-    bins: tuple[int, ...] = (1, 2, 3, 6)
+    bins: tuple[int, ...] = PPM_BINS
     kernel_sizes: tuple | None = None
     strides: tuple | None = None
     align_corners: bool = True
@@ -62,7 +60,7 @@ PYRAMID_CASES = (
     PyramidCase("shared-48k", (2, 3, 33, 65)),                       # 40 KiB at 65x129 would do too
     PyramidCase("shared-raised-limit", (1, 2, 129, 257)),            # 145 KiB
     PyramidCase("streamed", (1, 2, 256, 300)),                       # 332 KiB: beyond any block's limit
-    PyramidCase("released-geometry", (1, 4, 33, 65), kernel_sizes=RELEASED_KERNELS, strides=RELEASED_STRIDES),
+    PyramidCase("released-geometry", (1, 4, 33, 65), kernel_sizes=RELEASED_PPM_KERNELS, strides=RELEASED_PPM_STRIDES),
     PyramidCase("align-corners-false", (1, 3, 17, 23), align_corners=False),
     PyramidCase("tiny-bins", (1, 2, 3, 5), bins=(1, 2, 3)),
     PyramidCase("adjoint-shared", (1, 3, 33, 65), backward=True),
