@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icnet import cityscapes
 from icnet.checkpoint import load_checkpoint, preprocessing_of
+from icnet.cityscapes import default_class_names
 from icnet.images import read_rgb
 from icnet.model import ICNet
-from icnet.preprocessing import Preprocessing
+from icnet.plan import LabelPlans
+from icnet.preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 from icnet.visualize import colorize, overlay, palette_for
 
 
@@ -25,10 +26,17 @@ class Segmenter:
     predict takes images as a path, a PIL image, an [H, W, 3] numpy array, a [3, H, W] tensor, a list of
     these, an [N, H, W, 3] array or an [N, 3, H, W] tensor: RGB values 0-255 (uint8, or floats on that
     scale), channels last in arrays and first in tensors as torchvision has them.
+
+    plan: whether the labels come from inference plans (icnet.plan.LabelPlans: one fixed-shape plan per
+    batch shape, built when that shape first comes, uint8 labels without logits) instead of the model
+    itself; None: on CUDA devices (see uses_plan). On the CPU a plan runs eagerly, its arithmetic tested
+    against the model's. plan_choices: the per-layer backends for the plans, as InferencePlan's choices
+    takes them (e.g. the end-to-end benchmark's results file).
     """
 
     def __init__(self, model: ICNet, class_names, preprocessing: Preprocessing, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, batch_size: int = 4):
+                 dtype: torch.dtype, channels_last: bool, batch_size: int = 4, plan: bool | None = None,
+                 plan_choices=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device, self.dtype, self.channels_last, self.batch_size = device, dtype, channels_last, batch_size
@@ -38,6 +46,15 @@ class Segmenter:
         self.class_names = tuple(class_names)
         self.preprocessing = preprocessing
         self.palette = palette_for(len(self.class_names))
+        if plan is None:
+            plan = uses_plan(device, model.num_classes)
+        if plan and model.num_classes > 256:
+            raise ValueError(f"plan: a plan's labels are uint8, for up to 256 classes; this model has "
+                             f"{model.num_classes}")
+        if plan_choices is not None and not plan:
+            raise ValueError(f"plan_choices: the choices are for inference plans, which a segmenter on {device} "
+                             "does not run (plans run by default on CUDA devices only)")
+        self.plans = LabelPlans(self.model, plan_choices) if plan else None
 
     @property
     def num_classes(self) -> int:
@@ -70,10 +87,27 @@ class Segmenter:
 
     def labels(self, rgb: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] RGB 0-255 (any dtype, any device) -> [N, H, W] class indices on the model's device."""
-        x = self.preprocessing.tensor(rgb.to(self.device, non_blocking=True)).to(self.dtype)
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return self.input_labels(self.preprocessing.tensor(rgb.to(self.device, non_blocking=True)))
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch [N, 3, H, W] on the model's device, in its dtype and layout."""
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Builds the plan for a preprocessed batch like x where plans are used, so that the first batch of
+        a shape is not timed with its plan's build."""
+        if self.plans is not None:
+            self.plans.plan_for(self.model_input(x))
+
+    def input_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch [N, 3, H, W] -> [N, H, W] class indices on the model's device (uint8 for up
+        to 256 classes), through the plans or the model."""
+        x = self.model_input(x)
+        if self.plans is not None:
+            return self.plans(x)
         with torch.inference_mode():
-            labels = self.model(x).argmax(1)
+            labels = model_labels(self.model, x)
         return labels.to(torch.uint8 if self.num_classes <= 256 else torch.int32)
 
     def colorize(self, labels) -> np.ndarray:
@@ -95,29 +129,58 @@ def best_settings(device: torch.device) -> tuple[torch.dtype, bool]:
     return torch.float32, False
 
 
+def uses_plan(device: torch.device, num_classes: int) -> bool:
+    """Whether a segmenter on device runs inference plans by default: on CUDA devices, where a plan replays
+    one CUDA graph, for models whose labels fit the plan's uint8."""
+    return device.type == "cuda" and num_classes <= 256
+
+
+def model_labels(model: ICNet, x: torch.Tensor) -> torch.Tensor:
+    """The model's class map of a preprocessed batch: [N, H, W] argmax of its logits."""
+    return model(x).argmax(1)
+
+
 def load(checkpoint, device=None, mode: str | None = None, dtype: torch.dtype | None = None,
-         batch_size: int = 4) -> Segmenter:
+         batch_size: int = 4, channels_last: bool | None = None, plan: bool | None = None,
+         plan_choices=None) -> Segmenter:
     """The checkpoint's ICNet (fused build) as a Segmenter, on device (default: a GPU if there is one), in
-    dtype (default: the fastest for the device). mode overrides the checkpoint's sub4 / sub24 / sub124."""
-    try:
-        device = torch.device(device) if device is not None else best_device()
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
-    model, payload = load_checkpoint(checkpoint, mode=mode)
-    fastest_dtype, channels_last = best_settings(device)
-    names = payload["class_names"] or _default_names(model.num_classes)
-    return Segmenter(model, names, preprocessing_of(payload, checkpoint), device, dtype or fastest_dtype,
-                     channels_last, batch_size)
+    dtype and layout (default: the fastest for the device). mode overrides the checkpoint's sub4 / sub24 /
+    sub124. checkpoint None: an untrained ICNet (random weights, Cityscapes' 19 classes, the default
+    preprocessing), whose output means nothing but which exercises a pipeline. plan and plan_choices: see
+    Segmenter."""
+    device = best_device() if device is None else parse_device(device)
+    if checkpoint is None:
+        model, names, preprocessing = ICNet(mode=mode or "sub124"), None, DEFAULT_PREPROCESSING
+    else:
+        model, payload = load_checkpoint(checkpoint, mode=mode)
+        names, preprocessing = payload["class_names"], preprocessing_of(payload, checkpoint)
+    fastest_dtype, fastest_layout = best_settings(device)
+    return Segmenter(model, names or default_class_names(model.num_classes), preprocessing, device,
+                     dtype or fastest_dtype, fastest_layout if channels_last is None else channels_last,
+                     batch_size, plan, plan_choices)
 
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _default_names(num_classes: int) -> tuple[str, ...]:
-    if num_classes == len(cityscapes.CLASS_NAMES):
-        return cityscapes.CLASS_NAMES
-    return tuple(f"class {i}" for i in range(num_classes))
+def parse_device(name) -> torch.device:
+    """The device name ("cpu", "cuda", "cuda:1", or a torch.device) denotes, if this machine has it;
+    ValueError naming it otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {name!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r} is not available: this machine has no CUDA GPU that torch can use")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} is not available: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported (expected cpu, cuda or cuda:N)")
+    return device
 
 
 def _rgb_batch(image) -> tuple[torch.Tensor, bool, bool]:

@@ -53,6 +53,12 @@ def _segment_out(text: str) -> str:
     return text if is_video(text) and not Path(text).is_dir() else _out_folder(text)
 
 
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file" if Path(text).exists() else f"no such file: {text}")
+    return text
+
+
 def _new_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
@@ -63,7 +69,7 @@ def _new_file(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    from icnet.segment import parse_device  # only when --device is given: it loads torch
+    from icnet.api import parse_device  # only when --device is given: it loads torch
 
     try:
         parse_device(text)
@@ -119,10 +125,10 @@ def _segment(args):
         raise ValueError("segment either videos or images in one run, not both")
     if videos:
         segment_videos(videos, args.out, args.weights, args.mode, args.device, args.dtype, args.batch_size,
-                       args.channels_last, args.video_output)
+                       args.channels_last, args.video_output, args.plan, args.plan_choices)
         return
     segment(args.inputs, args.out, args.weights, args.mode, args.device, args.dtype, args.batch_size,
-            args.channels_last)
+            args.channels_last, args.plan, args.plan_choices)
 
 
 def _convert(args):
@@ -210,7 +216,7 @@ def _evaluate(args):
     from icnet.data.datasets import make_dataset
     from icnet.evaluate import evaluate, format_report, report_dict
     from icnet.preprocessing import Preprocessed
-    from icnet.segment import best_device, parse_device
+    from icnet.api import best_device, parse_device
 
     _check_dataset_arguments(args)
     device = best_device() if args.device is None else parse_device(args.device)
@@ -295,6 +301,13 @@ def parser() -> argparse.ArgumentParser:
     seg.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
     seg.add_argument("--video-output", choices=("overlay", "color"), default="overlay",
                      help="videos: the overlay with its legend, or the colour mask alone")
+    seg.add_argument("--no-plan", dest="plan", action="store_const", const=False,
+                     help="on a GPU, run the model itself instead of an inference plan per batch shape "
+                          "(a CUDA graph; plans are for GPUs only)")
+    seg.add_argument("--plan-choices", type=_existing_file, metavar="RESULTS.json",
+                     help="the plans' tuned per-layer backends, from the end-to-end benchmark's results file "
+                          "(its plan-tuned row for this GPU, mode, dtype, layout and batch shape; untuned "
+                          "without one)")
     seg.set_defaults(run=_segment)
 
     fit = commands.add_parser("train", help="train with cascade label guidance (torchrun for several processes)",

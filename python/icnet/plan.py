@@ -29,6 +29,8 @@ The plan is a snapshot of the model's weights: after changing them, build a new 
 """
 
 import logging
+import os
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import torch
@@ -288,12 +290,14 @@ class InferencePlan:
     library's default, "native", "triton" or "reference"). concurrent (default: on CUDA) runs the
     full-resolution branch on a second CUDA stream. tune=True times those layers with every implementation
     that runs here and keeps the fastest of each (timings: the medians, ms); choices takes such a choice
-    ({layer: backend}, as plan.choices gives it, from a results file) without measuring.
+    without measuring: {layer: backend} as plan.choices gives it, or the end-to-end benchmark's results
+    file (a path, or plan_tuning.TunedChoices), whose tuned row for this device, mode, dtype, layout and
+    shape it applies; without such a row the plan is untuned (and says so in one log line).
     """
 
     def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
                  backend: str | None = None, concurrent: bool | None = None, tune: bool = False,
-                 choices: dict[str, str] | None = None):
+                 choices: "dict[str, str] | plan_tuning.TunedChoices | str | os.PathLike | None" = None):
         if not isinstance(model, ICNet):
             raise ValueError(f"model must be an ICNet, got {type(model).__name__}")
         if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[1] != 3:
@@ -309,6 +313,9 @@ class InferencePlan:
         concurrent = example.device.type == "cuda" if concurrent is None else concurrent
         if tune and choices is not None:
             raise ValueError("choices: give either tune=True (measure here) or choices (measured before), not both")
+        choices = plan_tuning.read_choices(choices)
+        if isinstance(choices, plan_tuning.TunedChoices):
+            choices = choices.lookup(model.mode, example)
         self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
         self.layout, self.labels = memory_format_of(example), labels
         # Ordinary tensors even when built under inference mode (a benchmark's): a CUDA graph and the Triton
@@ -344,3 +351,32 @@ class InferencePlan:
             return self.runner(image)
         with torch.inference_mode():
             return self.network(image)
+
+
+class LabelPlans:
+    """Labels of image batches through labels plans of one model, one per input (shape, dtype, layout,
+    device), each built when its first batch comes and reused for every later batch like it; at most
+    max_plans are kept, the least recently used going first (each holds its own weights and buffers).
+
+    labels = LabelPlans(model, choices=...)(x)  # [N, H, W] uint8, a tensor of the caller's own
+    plan_options go to every InferencePlan (e.g. cuda_graph, concurrent); choices as InferencePlan takes
+    them (a results file's are looked up per plan)."""
+
+    def __init__(self, model: ICNet, choices=None, max_plans: int = 4, **plan_options):
+        choices = plan_tuning.read_choices(choices)
+        self.model, self.choices, self.max_plans, self.plan_options = model, choices, max_plans, plan_options
+        self.plans: OrderedDict[tuple, InferencePlan] = OrderedDict()
+
+    def plan_for(self, x: torch.Tensor) -> InferencePlan:
+        key = (tuple(x.shape), x.dtype, x.device, memory_format_of(x))
+        if key in self.plans:
+            self.plans.move_to_end(key)
+        else:
+            while len(self.plans) >= self.max_plans:
+                self.plans.popitem(last=False)
+            self.plans[key] = InferencePlan(self.model, x, labels=True, choices=self.choices, **self.plan_options)
+        return self.plans[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # a CUDA plan's output is its graph's static buffer, which the next call overwrites
+        return self.plan_for(x)(x).clone()

@@ -10,67 +10,50 @@ from tqdm import tqdm
 
 from PIL import Image
 
-from icnet import cityscapes
-from icnet.api import Segmenter, best_device
-from icnet.checkpoint import load_checkpoint, preprocessing_of
+from icnet.api import Segmenter, best_device, load, parse_device
 from icnet.images import ImageError, find_images, read_rgb, write_label_map
-from icnet.model import ICNet
-from icnet.preprocessing import DEFAULT_PREPROCESSING
+from icnet.plan_tuning import read_choices
 from icnet.visualize import colorize, overlay
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The decoded images (RGB, 3 bytes a pixel) that checking the inputs keeps for segmenting them: about 170
+# Cityscapes frames. Images past it are decoded again when their turn comes.
+KEPT_DECODED_BYTES = 1 << 30
 
 
-def parse_device(name) -> torch.device:
-    """The device name ("cpu", "cuda", "cuda:1") denotes, if this machine has it."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {name!r} is not a device name (expected cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device {name!r} is not available: this machine has no CUDA GPU that torch can use")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r} is not available: this machine has {count} CUDA GPU(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported (expected cpu, cuda or cuda:N)")
-    return device
-
-
-def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batch_size: int = 1) -> Segmenter:
-    """The checkpoint's model with its class names and preprocessing, or an untrained model without one."""
+def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batch_size: int = 1,
+                    plan: bool | None = None, plan_choices=None) -> Segmenter:
+    """icnet.load's segmenter of the checkpoint, or of an untrained model without one (and a warning)."""
     if weights is None:
         print("icnet: no --weights given: the model is untrained and its output is meaningless "
               "(useful only to check the pipeline and measure speed)", file=sys.stderr)
-        model, class_names, preprocessing = ICNet(mode=mode), cityscapes.CLASS_NAMES, DEFAULT_PREPROCESSING
-    else:
-        model, payload = load_checkpoint(weights, mode=mode)
-        class_names = payload["class_names"] or cityscapes.CLASS_NAMES
-        preprocessing = preprocessing_of(payload, weights)
-    return Segmenter(model, class_names, preprocessing, device, dtype, channels_last, batch_size)
+    return load(weights, device, mode, dtype, batch_size, channels_last, plan, plan_choices)
 
 
-def _check_inputs(files) -> None:
-    """No two files write the same outputs (named by the file's stem), and every one decodes."""
+def _check_inputs(files, kept_bytes: int = KEPT_DECODED_BYTES) -> list:
+    """No two files write the same outputs (named by the file's stem), and every one decodes; returns each
+    file's decoded image where the images so far fit in kept_bytes, else None (to be decoded again)."""
     by_stem = {}
     for path in files:
         if path.stem in by_stem:
             raise ValueError(f"{by_stem[path.stem]} and {path} would both write {path.stem}_trainIds.png: "
                              "segment them into separate output folders")
         by_stem[path.stem] = path
-    errors = []
+    errors, decoded, total = [], [], 0
     for path in files:
         try:
-            read_rgb(path)
+            rgb = read_rgb(path)
         except ImageError as error:
             errors.append(str(error))
+            continue
+        total += rgb.nbytes
+        decoded.append(rgb if total <= kept_bytes else None)
     if len(files) == 1 and errors:
         raise ImageError(errors[0])
     if errors:
         shown = "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else "")
         raise ImageError(f"{len(errors)} of {len(files)} images cannot be read, so none was segmented: {shown}")
+    return decoded
 
 
 def write_pictures(out_dir: Path, stem: str, rgb, labels, segmenter: Segmenter) -> None:
@@ -82,6 +65,14 @@ def write_pictures(out_dir: Path, stem: str, rgb, labels, segmenter: Segmenter) 
         Image.fromarray(picture).save(out_dir / f"{stem}_{kind}.png")
 
 
+def _images(files, decoded: list):
+    """(path, RGB image) of each file in turn: the decoded image kept for it (which decoded then lets go
+    of), or the file decoded again."""
+    for index, path in enumerate(files):
+        rgb, decoded[index] = decoded[index], None
+        yield path, read_rgb(path) if rgb is None else rgb
+
+
 def _batches(images, batch_size):
     """Consecutive images of one size, at most batch_size at a time."""
     for _, same_size in groupby(images, key=lambda item: item[1].shape):
@@ -91,33 +82,36 @@ def _batches(images, batch_size):
 
 
 def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="float32", batch_size=1,
-            channels_last=False) -> list[tuple[Path, float]]:
+            channels_last=False, plan: bool | None = None, plan_choices=None) -> list[tuple[Path, float]]:
     """Segments every image under paths; returns (image, milliseconds of model time per image).
 
     Every input is read before anything is written: unreadable images, or two inputs that would write the
-    same output files, stop the run with an error that names them, and nothing is written."""
+    same output files, stop the run with an error that names them, and nothing is written. The images read
+    for that check are kept for segmenting up to KEPT_DECODED_BYTES; later ones are decoded again.
+
+    plan (default: on CUDA devices) runs the labels through inference plans, one per batch shape, built
+    when the shape first comes (outside the time reported), so the last, shorter batch of a size gets a plan
+    of its own; plan_choices: a results file with tuned choices for them (see icnet.api.Segmenter)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = parse_device(device) if device else best_device()
+    plan_choices = read_choices(plan_choices)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file, not a folder")
     files = find_images(paths)
-    _check_inputs(files)
-    segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size)
-    model = segmenter.model
+    decoded = _check_inputs(files)
+    segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size, plan, plan_choices)
     out_dir.mkdir(parents=True, exist_ok=True)
     latencies = []
     with tqdm(total=len(files), desc="segment", unit="image", file=sys.stderr) as progress:
-        for batch in _batches(((path, read_rgb(path)) for path in files), batch_size):
-            x = torch.stack([segmenter.preprocessing(rgb) for _, rgb in batch]).to(device=device, dtype=DTYPES[dtype])
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for batch in _batches(_images(files, decoded), batch_size):
+            x = segmenter.model_input(torch.stack([segmenter.preprocessing(rgb) for _, rgb in batch]))
+            segmenter.prepare(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.inference_mode():
-                labels = model(x).argmax(1)
+            labels = segmenter.input_labels(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_image_ms = (time.perf_counter() - start) * 1e3 / len(batch)

@@ -63,16 +63,17 @@ def video_outputs(sources, out, output: str = "overlay") -> list[tuple[Path, Pat
 
 
 def segment_videos(sources, out, weights=None, mode: str = "sub124", device=None, dtype: str = "float32",
-                   batch_size: int = 1, channels_last: bool = False, output: str = "overlay") -> list[VideoResult]:
+                   batch_size: int = 1, channels_last: bool = False, output: str = "overlay",
+                   plan: bool | None = None, plan_choices=None) -> list[VideoResult]:
     """icnet segment for videos: each one segmented into its own video (see video_outputs), its frame rate
-    printed when it is done."""
-    import torch
-
-    from icnet.segment import DTYPES, best_device, build_segmenter
+    printed when it is done. plan and plan_choices as for images (icnet.segment.segment): the frames of a
+    video share one plan, and its last, shorter batch gets one of its own."""
+    from icnet.segment import DTYPES, best_device, build_segmenter, parse_device, read_choices
 
     pairs = video_outputs(sources, out, output)
-    device = torch.device(device) if device else best_device()
-    segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size)
+    device = parse_device(device) if device else best_device()
+    plan_choices = read_choices(plan_choices)
+    segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size, plan, plan_choices)
     results = []
     for source, target in pairs:
         results.append(segment_video(source, target, segmenter, output))
