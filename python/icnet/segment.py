@@ -30,7 +30,7 @@ def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batc
     return load(weights, device, mode, dtype, batch_size, channels_last, plan, plan_choices)
 
 
-def _check_inputs(files, kept_bytes: int = KEPT_DECODED_BYTES) -> list:
+def _check_inputs(files, kept_bytes: int) -> list:
     """No two files write the same outputs (named by the file's stem), and every one decodes; returns each
     file's decoded image where the images so far fit in kept_bytes, else None (to be decoded again)."""
     by_stem = {}
@@ -100,7 +100,7 @@ def segment(paths, out_dir, weights=None, mode="sub124", device=None, dtype="flo
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file, not a folder")
     files = find_images(paths)
-    decoded = _check_inputs(files)
+    decoded = _check_inputs(files, KEPT_DECODED_BYTES)
     segmenter = build_segmenter(weights, mode, device, DTYPES[dtype], channels_last, batch_size, plan, plan_choices)
     out_dir.mkdir(parents=True, exist_ok=True)
     latencies = []
