@@ -156,7 +156,7 @@ class TunedChoices:
         if not (all(isinstance(v, str) for v in key[1:4]) and isinstance(key[4], list)
                 and all(isinstance(v, int) for v in key[4]) and isinstance(choices, dict)
                 and all(isinstance(name, str) and isinstance(b, (str, type(None))) for name, b in choices.items())):
-            raise ValueError(f"plan choices: row {index} of {self.path} lacks its mode, dtype, layout or input, "
+            raise ValueError(f"plan choices: {self.path}: row {index} lacks its mode, dtype, layout or input, "
                              "or its plan_choices are not {layer: backend} names")
         # None is the library's default backend, which an untouched layer keeps
         return (*key[:4], tuple(key[4])), {name: b for name, b in choices.items() if b is not None}
