@@ -87,6 +87,27 @@ def test_segment_refuses_two_inputs_that_would_write_the_same_outputs(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"meta": {"device": "x"}, "rows": [{"plan_choices": '
+                                     '{"ppm": 3}, "plan_timings_ms": {}}]}'])
+def test_segment_rejects_a_bad_plan_choices_file_in_one_line(tmp_path, capsys, weights, content):
+    image = write_rgb(tmp_path / "a.png")
+    (tmp_path / "results.json").write_text(content)
+    fails(capsys, segment([image], tmp_path / "out", weights, "--plan-choices", str(tmp_path / "results.json")),
+          "plan choices", "results.json")
+    fails(capsys, segment([image], tmp_path / "out", weights, "--plan-choices", str(tmp_path / "missing.json")),
+          "--plan-choices", "missing.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_plan_choices_where_no_plan_runs(tmp_path, capsys, weights):
+    image = write_rgb(tmp_path / "a.png")
+    (tmp_path / "results.json").write_text('{"meta": {"device": "x"}, "rows": []}')
+    for extra, why in ((["--device", "cpu"], "CUDA devices"), (["--no-plan"], "plan=False")):
+        fails(capsys, segment([image], tmp_path / "out", weights, "--plan-choices", str(tmp_path / "results.json"),
+                              *extra), "plan_choices", why)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_16_bit_png_is_scaled_to_8_bits_not_saturated(tmp_path):
     wide = np.random.default_rng(3).integers(0, 65536, (20, 30), dtype=np.uint16)
     Image.fromarray(wide).save(tmp_path / "deep.png")

@@ -46,14 +46,15 @@ class Segmenter:
         self.class_names = tuple(class_names)
         self.preprocessing = preprocessing
         self.palette = palette_for(len(self.class_names))
+        if plan_choices is not None and not (plan or plan is None and uses_plan(device, model.num_classes)):
+            why = "plan=False" if plan is False else "plans run by default on CUDA devices only"
+            raise ValueError(f"plan_choices: the choices are for inference plans, which this segmenter on {device} "
+                             f"does not run ({why})")
         if plan is None:
             plan = uses_plan(device, model.num_classes)
         if plan and model.num_classes > 256:
             raise ValueError(f"plan: a plan's labels are uint8, for up to 256 classes; this model has "
                              f"{model.num_classes}")
-        if plan_choices is not None and not plan:
-            raise ValueError(f"plan_choices: the choices are for inference plans, which a segmenter on {device} "
-                             "does not run (plans run by default on CUDA devices only)")
         self.plans = LabelPlans(self.model, plan_choices) if plan else None
 
     @property

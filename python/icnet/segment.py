@@ -24,10 +24,11 @@ KEPT_DECODED_BYTES = 1 << 30
 def build_segmenter(weights, mode: str, device, dtype, channels_last: bool, batch_size: int = 1,
                     plan: bool | None = None, plan_choices=None) -> Segmenter:
     """icnet.load's segmenter of the checkpoint, or of an untrained model without one (and a warning)."""
+    segmenter = load(weights, device, mode, dtype, batch_size, channels_last, plan, plan_choices)
     if weights is None:
         print("icnet: no --weights given: the model is untrained and its output is meaningless "
               "(useful only to check the pipeline and measure speed)", file=sys.stderr)
-    return load(weights, device, mode, dtype, batch_size, channels_last, plan, plan_choices)
+    return segmenter
 
 
 def _check_inputs(files, kept_bytes: int) -> list:
