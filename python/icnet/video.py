@@ -27,7 +27,7 @@ class VideoResult:
     out: Path
     frames: int
     seconds: float        # decoding, segmenting, drawing and encoding
-    model_seconds: float  # segmenting alone (the model and its pre- and postprocessing)
+    model_seconds: float  # segmenting alone (the model and its pre- and postprocessing, a plan's build)
 
     @property
     def fps(self) -> float:
@@ -66,9 +66,11 @@ def segment_videos(sources, out, weights=None, mode: str = "sub124", device=None
                    batch_size: int = 1, channels_last: bool = False, output: str = "overlay",
                    plan: bool | None = None, plan_choices=None) -> list[VideoResult]:
     """icnet segment for videos: each one segmented into its own video (see video_outputs), its frame rate
-    printed when it is done. plan and plan_choices as for images (icnet.segment.segment): the frames of a
-    video share one plan, and its last, shorter batch gets one of its own."""
-    from icnet.segment import DTYPES, best_device, build_segmenter, parse_device, read_choices
+    printed when it is done. plan and plan_choices as for images (icnet.segment.segment): the videos'
+    batches of one frame size share a plan, and a last, shorter batch gets one of its own; building a plan
+    counts as segmenting time."""
+    from icnet.plan_tuning import read_choices
+    from icnet.segment import DTYPES, best_device, build_segmenter, parse_device
 
     pairs = video_outputs(sources, out, output)
     device = parse_device(device) if device else best_device()
