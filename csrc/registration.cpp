@@ -15,6 +15,11 @@ TORCH_LIBRARY(icnet, m) {
   m.def(
       "cascade_feature_fusion(Tensor low, Tensor high, Tensor weight_low, Tensor weight_high, Tensor bias, "
       "int dilation, bool align_corners) -> Tensor");
+  // ICNet's head: bilinear_zoom(conv1x1(features, weight) + bias, zoom), align_corners, output (h-1)*zoom+1
+  // by (w-1)*zoom+1, in features' dtype and layout; weight [C, K], bias [C]. The labels variant returns the
+  // argmax over the classes as uint8 [N, H, W] and never writes the logits. Inference only.
+  m.def("segmentation_head(Tensor features, Tensor weight, Tensor bias, int zoom) -> Tensor");
+  m.def("segmentation_head_labels(Tensor features, Tensor weight, Tensor bias, int zoom) -> Tensor");
   // conv2d(input, weight, padding=1) for a [Co, C, 3, 3] weight by Winograd's F(2x2, 3x3), float32, CPU:
   // the CPU CFF kernel's low-resolution convolution, exposed for its tests and measurements. Internal: no
   // autograd and no meta kernel.

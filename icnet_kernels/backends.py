@@ -42,6 +42,22 @@ def choose_backend(backend: str | None, x: torch.Tensor) -> str:
     return backend
 
 
+def choose_cpu_native_triton_or_reference(backend: str | None, x: torch.Tensor, op: str) -> str:
+    """The backend of an op whose compiled kernel is C++ for the CPU only (on a GPU its kernel is Triton's): by
+    default native on the CPU (and meta) where the extension is loaded, else Triton wherever it runs, else the
+    reference. ICNET_BACKEND=native means Triton on a GPU; an explicit backend='native' there is refused."""
+    explicit = backend is not None
+    if backend is None:
+        backend = os.environ.get("ICNET_BACKEND") or None
+    cpu_native = x.device.type in ("cpu", "meta") and native_available()
+    if backend is None or (backend == "native" and not explicit and not cpu_native):
+        backend = "native" if cpu_native else "triton" if triton_usable(x.device) else "reference"
+    elif backend == "native" and x.device.type == "cuda":
+        raise ValueError(f"backend: {op} has no CUDA C++ kernel (on a GPU it runs Triton's); use 'triton', "
+                         f"'reference' or None")
+    return choose_backend(backend, x)
+
+
 def choose_triton_or_reference(backend: str | None, x: torch.Tensor, op: str) -> str:
     """The backend of an op with a Triton kernel and no compiled one: by default Triton wherever it runs (a
     GPU, or the interpreter) unless ICNET_BACKEND says "reference", else the reference."""

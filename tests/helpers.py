@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import icnet_kernels
 
@@ -80,3 +81,20 @@ def op_cases(name: str, triton_name: str | None = None) -> list:
     if GPU and icnet_kernels.native_cuda_available():
         cases.append(pytest.param(name, "cuda", id=f"{name}-cuda"))
     return cases
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records every op that reaches the dispatcher's kernels: ops as "namespace.name", names without the
+    namespace."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self) -> list[str]:
+        return [op.split(".")[-1] for op in self.ops]

@@ -12,7 +12,7 @@ import icnet_kernels
 from icnet_kernels import CascadeFeatureFusion
 from tests.cascade_feature_fusion_cases import (
     MODULE_CASES, Geometry, composition, gradient_atol, make_inputs, random_module)
-from tests.helpers import ATOL, assert_within_budget, backend_cases, in_layout, op_cases
+from tests.helpers import ATOL, DispatchedOps, assert_within_budget, backend_cases, in_layout, op_cases
 
 
 @pytest.mark.parametrize("name,device", op_cases("cascade_feature_fusion"))
@@ -123,20 +123,6 @@ def test_module_state_dict_matches_plain_layers():
     assert module.conv_low.weight.shape == (8, 4, 3, 3) and module.conv_high.weight.shape == (8, 3, 1, 1)
     assert module.conv_low.dilation == (2, 2) and module.conv_low.padding == (2, 2)
     assert module.conv_low.bias is None and module.conv_high.bias is None
-
-
-
-
-class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op that reaches the dispatcher's kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend,device", [c for c in backend_cases() if c.values[0] == "native"])

@@ -9,6 +9,7 @@ import icnet_kernels
 from icnet import ICNet
 from icnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from icnet.cli import main as icnet_main
+from tests.helpers import DispatchedOps
 
 BUILD_PAIRS_NEED_NATIVE = pytest.mark.skipif(not icnet_kernels.native_available(), reason="_C not built")
 
@@ -191,3 +192,17 @@ def test_cpu_inference_body_layout_and_the_output_in_the_image_layout(dtype, bod
         out = model(torch.randn(1, 3, 97, 161, dtype=dtype))
     assert seen == {"conv4": body_channels_last, "cff_sub12": body_channels_last}
     assert out.is_contiguous() and out.dtype == dtype
+
+
+@BUILD_PAIRS_NEED_NATIVE
+@pytest.mark.parametrize("mode", ["sub4", "sub24", "sub124"])
+def test_fused_cpu_inference_classifies_and_zooms_in_one_op_at_an_exact_size(mode):
+    """At sizes where the head's resizes are one exact integer zoom (97x161: 8x, 16x, 32x from the maps of
+    sub124, sub24, sub4) CPU inference runs the segmentation head op and no bilinear resize after the
+    classifier; at an inexact size (130x67) it resizes, so the check can fail."""
+    model = ICNet(mode=mode, width=0.125).eval()
+    for size, exact in (((97, 161), True), ((130, 67), False)):
+        with torch.inference_mode(), DispatchedOps() as recorder:
+            model(torch.randn(1, 3, *size))
+        assert ("segmentation_head" in recorder.names) == exact, (size, recorder.names[-6:])
+        assert recorder.names[-1] == ("segmentation_head" if exact else "upsample_bilinear2d")

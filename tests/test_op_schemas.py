@@ -7,7 +7,9 @@ import icnet_kernels
 
 PAIRS = [("pyramid_pool_sum", "pyramid_pool_sum_triton"),
          ("pyramid_pool_sum_backward", "pyramid_pool_sum_backward_triton"),
-         ("cascade_feature_fusion", "cascade_feature_fusion_triton")]
+         ("cascade_feature_fusion", "cascade_feature_fusion_triton"),
+         ("segmentation_head", "segmentation_head_triton"),
+         ("segmentation_head_labels", "segmentation_head_labels_triton")]
 
 
 def arguments(name: str) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from icnet import ICNet
 from icnet.graphs import weights_version
 from icnet.layers import caffe_resize
 from icnet.plan import InferencePlan, conv_on_the_unshrunk_map, exact_head_zoom, shrink2
-from tests.helpers import LAYOUTS, in_layout
+from tests.helpers import LAYOUTS, DispatchedOps, in_layout
 from tests.test_icnet_model import randomize_batch_norm
 
 pytestmark = pytest.mark.skipif(not icnet_kernels.native_available(), reason="the plan runs the native CPU ops")
@@ -97,18 +97,8 @@ def test_plan_matches_the_reference_build(mode, size, layout):
     check_plan(mode, size, layout, seed=1)
 
 
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 def ops_of_a_call(plan, image):
-    with OpNames() as recorder:
+    with DispatchedOps() as recorder:
         plan(image)
     return recorder.names
 

@@ -1,21 +1,26 @@
 """Segmentation head (1x1 classifier + exact integer zoom) and its labels variant: the reference against the
-other order of its two linear steps, the Triton kernel against the reference on random inputs, layouts,
-edge sizes, NaN, ties, opcheck and inference-only autograd."""
+other order of its two linear steps, the C++ CPU kernel and the Triton kernel against the reference on
+random inputs, layouts, edge sizes, NaN, ties, opcheck and inference-only autograd."""
+
+from collections import namedtuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import icnet_kernels
 from icnet_kernels import segmentation_head, segmentation_head_labels, segmentation_head_reference
 from tests.helpers import ATOL, GPU, LAYOUTS, assert_within_budget, dtypes_for, in_layout
 
 DEVICE = "cuda" if GPU else "cpu"
+Kernel = namedtuple("Kernel", "backend device")
+KERNELS = [Kernel("triton", DEVICE)] + ([Kernel("native", "cpu")] if icnet_kernels.native_available() else [])
 
 
-@pytest.fixture(scope="module", params=[DEVICE], ids=[f"triton-{DEVICE}"])
-def device(request):
-    """Where the kernel runs, named in the test id: a GPU session selects its tests by "cuda"."""
+@pytest.fixture(scope="module", params=KERNELS, ids=[f"{k.backend}-{k.device}" for k in KERNELS])
+def kernel(request):
+    """The implementation and where it runs, named in the test id: a GPU session selects its tests by "cuda"."""
     return request.param
 
 
@@ -43,11 +48,11 @@ def test_reference_equals_classifying_before_the_zoom(n, k, c, h, w, zoom, seed)
                                classify_then_zoom(features, weight, bias, zoom), rtol=1e-12, atol=1e-12)
 
 
-def check_against_reference(features, weight, bias, zoom, what=""):
+def check_against_reference(features, weight, bias, zoom, backend, what=""):
     """Logits within the error budget of the same-precision reference; labels equal to the float64
     reference's argmax wherever its top two logits are further apart than the logits' tolerance."""
     dtype = features.dtype
-    logits = segmentation_head(features, weight, bias, zoom, backend="triton")
+    logits = segmentation_head(features, weight, bias, zoom, backend=backend)
     n, _, h, w = features.shape
     assert logits.shape == (n, weight.shape[0], (h - 1) * zoom + 1, (w - 1) * zoom + 1) and logits.dtype == dtype
     if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
@@ -58,7 +63,7 @@ def check_against_reference(features, weight, bias, zoom, what=""):
     same_precision = segmentation_head_reference(features, weight, bias, zoom)
     assert_within_budget(logits, exact, same_precision, ATOL[dtype], what)
 
-    labels = segmentation_head_labels(features, weight, bias, zoom, backend="triton")
+    labels = segmentation_head_labels(features, weight, bias, zoom, backend=backend)
     assert labels.dtype == torch.uint8 and labels.shape == (n, *logits.shape[2:])
     top2 = exact.topk(min(2, exact.shape[1]), dim=1).values
     margin = top2[:, 0] - top2[:, -1] if exact.shape[1] > 1 else torch.full_like(top2[:, 0], float("inf"))
@@ -70,16 +75,16 @@ def check_against_reference(features, weight, bias, zoom, what=""):
 
 @settings(max_examples=10)
 @given(data=st.data())
-def test_matches_reference_on_random_inputs(device, data):
+def test_matches_reference_on_random_inputs(kernel, data):
     n = data.draw(st.integers(1, 2), label="n")
     k = data.draw(st.integers(1, 40), label="channels")
     c = data.draw(st.integers(1, 21), label="classes")
     h, w = data.draw(st.integers(1, 5), label="h"), data.draw(st.integers(1, 5), label="w")
     zoom = data.draw(st.integers(1, 9), label="zoom")
-    dtype = data.draw(st.sampled_from(dtypes_for("triton", device)), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for(kernel.backend, kernel.device)), label="dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
-    features, weight, bias = make_inputs(n, k, c, h, w, dtype, device, data.draw(st.integers(0, 2**31 - 1)))
-    check_against_reference(in_layout(features, layout), weight, bias, zoom, f"{layout} {dtype}")
+    features, weight, bias = make_inputs(n, k, c, h, w, dtype, kernel.device, data.draw(st.integers(0, 2**31 - 1)))
+    check_against_reference(in_layout(features, layout), weight, bias, zoom, kernel.backend, f"{layout} {dtype}")
 
 
 @pytest.mark.parametrize("n,k,c,h,w,zoom", [
@@ -91,9 +96,9 @@ def test_matches_reference_on_random_inputs(device, data):
     (1, 33, 2, 2, 9, 32),    # sub4's 32x zoom, more columns than one program's block
 ], ids=["icnet", "one-row", "one-column", "one-pixel", "zoom1-33-classes", "zoom32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fixed_geometries(device, n, k, c, h, w, zoom, layout):
-    features, weight, bias = make_inputs(n, k, c, h, w, device=device, seed=3)
-    check_against_reference(in_layout(features, layout), weight, bias, zoom, f"{layout}")
+def test_fixed_geometries(kernel, n, k, c, h, w, zoom, layout):
+    features, weight, bias = make_inputs(n, k, c, h, w, device=kernel.device, seed=3)
+    check_against_reference(in_layout(features, layout), weight, bias, zoom, kernel.backend, f"{layout}")
 
 
 def test_conv_weight_shape_is_accepted():
@@ -108,30 +113,33 @@ def test_empty_batch():
     assert segmentation_head_labels(features, weight, bias, 4).shape == (0, 5, 9)
 
 
-def test_nan_reaches_exactly_the_outputs_that_interpolate_it(device):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_reaches_exactly_the_outputs_that_interpolate_it(kernel, layout):
     """A NaN feature makes every class NaN where the zoom gives its pixel a non-zero weight, and nowhere else;
     the labels there are 0, torch.argmax's answer for a NaN in the first class."""
-    features, weight, bias = make_inputs(1, 5, 3, 4, 5, device=device, seed=5)
+    features, weight, bias = make_inputs(1, 5, 3, 4, 5, device=kernel.device, seed=5)
     zoom, (i, j) = 4, (1, 3)
     features[0, 2, i, j] = float("nan")
     indicator = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
     indicator[0, 0, i, j] = 1
     reached = segmentation_head_reference(indicator, torch.ones(1, 1, dtype=torch.float64),
                                           torch.zeros(1, dtype=torch.float64), zoom)[0, 0] > 0
-    logits = segmentation_head(features, weight, bias, zoom, backend="triton").cpu()
+    features = in_layout(features, layout)
+    logits = segmentation_head(features, weight, bias, zoom, backend=kernel.backend).cpu()
     assert torch.equal(logits[0].isnan().all(0), reached) and torch.equal(logits[0].isnan().any(0), reached)
-    labels = segmentation_head_labels(features, weight, bias, zoom, backend="triton").cpu()
+    labels = segmentation_head_labels(features, weight, bias, zoom, backend=kernel.backend).cpu()
     assert (labels[0][reached] == 0).all()
     assert torch.equal(labels[0][~reached], logits[0].argmax(0)[~reached].to(torch.uint8))
 
 
-def test_labels_follow_torch_argmax_on_ties_and_nan_logits(device):
-    features = torch.zeros(1, 2, 2, 2, device=device)
-    weight = torch.zeros(4, 2, device=device)
-    ties = torch.tensor([1.0, 5.0, 5.0, 2.0], device=device)
-    assert (segmentation_head_labels(features, weight, ties, 3) == 1).all()
-    with_nan = torch.tensor([1.0, 5.0, 2.0, float("nan")], device=device)
-    assert (segmentation_head_labels(features, weight, with_nan, 3) == 3).all()
+def test_labels_follow_torch_argmax_on_ties_and_nan_logits(kernel):
+    features = torch.zeros(1, 2, 2, 2, device=kernel.device)
+    weight = torch.zeros(5, 2, device=kernel.device)
+    for bias, label in (([1.0, 5.0, 5.0, 2.0, 0.0], 1), ([1.0, 5.0, 2.0, float("nan"), float("nan")], 3),
+                        ([float("-inf")] * 5, 0), ([float("nan"), 9.0, 1.0, 2.0, 3.0], 0)):
+        bias = torch.tensor(bias, device=kernel.device)
+        labels = segmentation_head_labels(features, weight, bias, 3, backend=kernel.backend)
+        assert (labels == label).all(), f"bias {bias.tolist()}"
 
 
 BAD_INPUTS = {  # id: (function arguments, the argument the message must name); every one refused by the ops too
@@ -161,23 +169,43 @@ def params(cases):
 
 
 @pytest.mark.parametrize("labels", [False, True], ids=["logits", "labels"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend,device", [(k.backend, k.device) for k in KERNELS] + [("reference", DEVICE)],
+                         ids=[f"{k.backend}-{k.device}" for k in KERNELS] + ["reference"])
 @pytest.mark.parametrize("make,message", params({**BAD_INPUTS, **FUNCTION_ONLY}))
-def test_bad_input_is_rejected_with_the_argument_named(labels, backend, make, message):
+def test_bad_input_is_rejected_with_the_argument_named(labels, backend, device, make, message):
     fn = segmentation_head_labels if labels else segmentation_head
     with pytest.raises(ValueError, match=message):
-        fn(*make(*make_inputs(1, 4, 3, 2, 3)), backend=backend)
+        fn(*make(*make_inputs(1, 4, 3, 2, 3, device=device)), backend=backend)
 
 
-@pytest.mark.parametrize("name", ["segmentation_head_triton", "segmentation_head_labels_triton"])
-@pytest.mark.parametrize("device", [DEVICE, "meta"], ids=[f"kernel-{DEVICE}", "fake"])
-@pytest.mark.parametrize("make,message", params({
-    **BAD_INPUTS, "features-float64": (lambda f, wt, b: (f.double(), wt.double(), b.double(), 2), "features")}))
+TRITON_OPS = ["segmentation_head_triton", "segmentation_head_labels_triton"]
+NATIVE_OPS = ["segmentation_head", "segmentation_head_labels"] if icnet_kernels.native_available() else []
+FLOAT64 = {"features-float64": (lambda f, wt, b: (f.double(), wt.double(), b.double(), 2), "features")}
+
+
+@pytest.mark.parametrize("name,device,make,message",
+                         [pytest.param(name, device, *case, id=f"{name}-{where}-{case_id}")
+                          for name, kernel_device in [(n, DEVICE) for n in TRITON_OPS] + [(n, "cpu") for n in NATIVE_OPS]
+                          for device, where in ((kernel_device, "kernel"), ("meta", "fake"))
+                          for case_id, case in {**BAD_INPUTS, **(FLOAT64 if name in TRITON_OPS else {})}.items()])
 def test_op_called_directly_checks_its_arguments(name, device, make, message):
-    """The Triton op and its fake kernel (what torch.compile traces) reject the same input by name."""
+    """The ops (Triton's, and the C++ one, which also takes float64) and their fake kernels (what
+    torch.compile traces) reject the same input by name."""
     args = make(*make_inputs(1, 4, 3, 2, 3, device=device))
     with pytest.raises(ValueError, match=message):
         getattr(torch.ops.icnet, name)(*args)
+
+
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_native_op_takes_float64(name):
+    features, weight, bias = make_inputs(1, 4, 3, 2, 3, dtype=torch.float64, device="cpu")
+    expected = segmentation_head_reference(features, weight, bias, 2, labels=name.endswith("labels"))
+    got = getattr(torch.ops.icnet, name)(features, weight, bias, 2)
+    if name.endswith("labels"):
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert getattr(torch.ops.icnet, name)(features.to("meta"), weight.to("meta"), bias.to("meta"), 2).shape == got.shape
 
 
 def test_labels_need_at_most_256_classes():
@@ -187,21 +215,22 @@ def test_labels_need_at_most_256_classes():
     assert segmentation_head(features, weight, bias, 2).shape == (1, 257, 3, 3)
 
 
-def test_native_backend_is_refused_by_name():
+@pytest.mark.skipif(not GPU, reason="needs a CUDA tensor")
+def test_native_backend_on_a_gpu_is_refused_by_name():
     with pytest.raises(ValueError, match="backend"):
-        segmentation_head(*make_inputs(1, 4, 3, 2, 3), 2, backend="native")
+        segmentation_head(*make_inputs(1, 4, 3, 2, 3, device="cuda"), 2, backend="native")
 
 
-@pytest.mark.parametrize("name", ["segmentation_head_triton", "segmentation_head_labels_triton"])
-def test_opcheck(device, name):
+@pytest.mark.parametrize("name,device", [(n, DEVICE) for n in TRITON_OPS] + [(n, "cpu") for n in NATIVE_OPS])
+def test_opcheck(name, device):
     features, weight, bias = make_inputs(1, 5, 3, 2, 3, device=device)
     op = getattr(torch.ops.icnet, name)
     torch.library.opcheck(op, (features, weight, bias, 3))
     torch.library.opcheck(op, (features.contiguous(memory_format=torch.channels_last), weight, bias, 2))
 
 
-def test_backward_says_the_op_is_inference_only():
-    features, weight, bias = make_inputs(1, 4, 3, 2, 3)
-    logits = segmentation_head(features.requires_grad_(), weight, bias, 2, backend="triton")
+def test_backward_says_the_op_is_inference_only(kernel):
+    features, weight, bias = make_inputs(1, 4, 3, 2, 3, device=kernel.device)
+    logits = segmentation_head(features.requires_grad_(), weight, bias, 2, backend=kernel.backend)
     with pytest.raises(RuntimeError, match="inference-only"):
         logits.sum().backward()

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/cff_geometry.h"
+#include "common/layout.h"
 
 namespace icnet {
 
@@ -11,9 +12,6 @@ CffShape make_cff_shape(const at::Tensor& low, const at::Tensor& high, const at:
                         const at::Tensor& weight_high, const at::Tensor& bias, int64_t dilation, bool align_corners);
 
 // The output's layout: channels_last when high is channels_last (and not also plainly contiguous), else NCHW.
-inline at::MemoryFormat cff_output_format(const at::Tensor& high) {
-  return high.is_contiguous(at::MemoryFormat::ChannelsLast) && !high.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                     : at::MemoryFormat::Contiguous;
-}
+inline at::MemoryFormat cff_output_format(const at::Tensor& high) { return memory_format_of(high); }
 
 }  // namespace icnet

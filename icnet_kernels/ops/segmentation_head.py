@@ -2,20 +2,26 @@
 (align_corners, output (h-1)*zoom+1): everything of the op that lives in Python.
 
 - `segmentation_head` and `segmentation_head_labels`: the public functions (logits, or their argmax as
-  uint8 without the logits ever being written). They pick a backend: the Triton kernel wherever Triton
-  runs (a GPU, or the interpreter), else the reference. There is no C++ kernel.
-- `check_segmentation_head_args`: the checks, raising ValueError naming the argument. The Triton ops, their
-  fake kernels and the reference path run them.
+  uint8 without the logits ever being written). They pick a backend: on the CPU the C++ kernel
+  (csrc/cpu/segmentation_head.cpp) where the extension is loaded, on a GPU the Triton kernel (there is no
+  CUDA C++ kernel), else the reference.
+- `check_segmentation_head_args`: the checks, raising ValueError naming the argument; the twin of
+  csrc/common/segmentation_head_args.cpp (same messages). The Triton ops, every fake kernel and the
+  reference path run them.
 - `icnet::segmentation_head_triton` and `icnet::segmentation_head_labels_triton`: the Triton ops (the
-  kernel is in icnet_kernels/triton/segmentation_head.py), and their fake kernels.
+  kernel is in icnet_kernels/triton/segmentation_head.py); the fake kernels of these and of the C++ ops
+  `icnet::segmentation_head` and `icnet::segmentation_head_labels`.
 - Inference only: the logits op's backward raises an error that says so (train through
   segmentation_head_reference's ATen ops); the labels are integers and have no gradient.
 """
 
+from functools import partial
+
 import torch
 
 from icnet_kernels import reference
-from icnet_kernels.backends import choose_triton_or_reference
+from icnet_kernels._native import native_available
+from icnet_kernels.backends import choose_cpu_native_triton_or_reference
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.arguments import exact_int, require, require_feature_map, tensor_argument
 from icnet_kernels.ops.inference_only import register_inference_only
@@ -62,12 +68,12 @@ def _run(features, weight, bias, zoom, labels: bool, backend):
                               (("features", features), ("weight", weight), ("bias", bias)))
     zoom = exact_int("zoom", zoom)
     weight = flat_weight_high(weight)
-    backend = choose_triton_or_reference(backend, features, "the segmentation head")
+    backend = choose_cpu_native_triton_or_reference(backend, features, "the segmentation head")
     if backend == "reference":
         check_segmentation_head_args(features, weight, bias, zoom, labels, kernel=False)
         return reference.segmentation_head_reference(features, weight, bias, zoom, labels)
-    op = torch.ops.icnet.segmentation_head_labels_triton if labels else torch.ops.icnet.segmentation_head_triton
-    return op(features, weight, bias, zoom)
+    name = "segmentation_head_labels" if labels else "segmentation_head"
+    return getattr(torch.ops.icnet, name if backend == "native" else f"{name}_triton")(features, weight, bias, zoom)
 
 
 def segmentation_head(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zoom: int,
@@ -108,17 +114,27 @@ def segmentation_head_labels_triton_op(features: torch.Tensor, weight: torch.Ten
     return _run_triton(features, weight, bias, zoom, True)
 
 
-def segmentation_head_fake(features, weight, bias, zoom):
-    """Shape, dtype and layout of the logits, after the same checks as the kernel."""
-    check_segmentation_head_args(features, weight, bias, zoom, False)
+def segmentation_head_fake(features, weight, bias, zoom, kernel: bool = True):
+    """Shape, dtype and layout of the logits, after the same checks as the kernel (kernel: the Triton
+    kernel's dtypes; the C++ one also takes float64)."""
+    check_segmentation_head_args(features, weight, bias, zoom, False, kernel)
     return torch.empty((features.shape[0], weight.shape[0], *zoomed_size(features, zoom)), dtype=features.dtype,
                        device=features.device, memory_format=memory_format_of(features))
 
 
-def segmentation_head_labels_fake(features, weight, bias, zoom):
-    check_segmentation_head_args(features, weight, bias, zoom, True)
+def segmentation_head_labels_fake(features, weight, bias, zoom, kernel: bool = True):
+    check_segmentation_head_args(features, weight, bias, zoom, True, kernel)
     return torch.empty((features.shape[0], *zoomed_size(features, zoom)), dtype=torch.uint8, device=features.device)
 
 
-register_inference_only("segmentation_head_triton", segmentation_head_fake, "segmentation_head")
-torch.library.register_fake(torch.ops.icnet.segmentation_head_labels_triton.default)(segmentation_head_labels_fake)
+def _register():
+    register_inference_only("segmentation_head_triton", segmentation_head_fake, "segmentation_head")
+    torch.library.register_fake(torch.ops.icnet.segmentation_head_labels_triton.default)(segmentation_head_labels_fake)
+    if native_available():
+        register_inference_only("segmentation_head", partial(segmentation_head_fake, kernel=False),
+                                "segmentation_head")
+        torch.library.register_fake(torch.ops.icnet.segmentation_head_labels.default)(
+            partial(segmentation_head_labels_fake, kernel=False))
+
+
+_register()

@@ -10,6 +10,7 @@ from torch import nn
 
 import icnet_kernels
 from icnet_kernels.cff_geometry import memory_format_of
+from icnet_kernels.ops.segmentation_head import MAX_ZOOM
 from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize
 
 MODES = ("sub4", "sub24", "sub124")
@@ -182,8 +183,16 @@ class ICNet(nn.Module):
         resizing (its weights sum to one), and the exact zoom followed by a resize to the image equals one
         resize to the image (both are piecewise-linear interpolation through the same samples, align_corners),
         so the result is the same with the classifier run on a quarter of the pixels and one resize less.
+        Where both resizes together are one exact integer zoom of the features (exact_head_zoom: the natural
+        1025x2049 input, 8x from the 1/8 map in sub124), CPU inference runs classifier and zoom as one pass,
+        icnet_kernels.segmentation_head, which writes the full-resolution logits once.
         """
         layout = memory_format_of(image)
+        zoom = exact_head_zoom(features.shape[-2:], size, image.shape[-2:])
+        if (self.fused and zoom is not None and image.device.type == "cpu" and classifier.bias is not None
+                and not torch.is_grad_enabled()):
+            return icnet_kernels.segmentation_head(features.contiguous(memory_format=layout), classifier.weight,
+                                                   classifier.bias, zoom)
         if self.fused and tuple(size) == _zoom2(features):
             return caffe_resize(classifier(features).contiguous(memory_format=layout), size=image.shape[-2:])
         logits = classifier(caffe_resize(features, size=size)).contiguous(memory_format=layout)
@@ -207,6 +216,19 @@ def _checked_channels(channels: dict[str, int]) -> dict[str, int]:
     if bad:
         raise ValueError(f"channels must be positive integers, got {bad}")
     return dict(channels)
+
+
+def exact_head_zoom(features_size, intermediate_size, image_size) -> int | None:
+    """The integer zoom z with image = (features - 1) * z + 1 on both sides when resizing the features to
+    intermediate_size and then to image_size equals that one zoom (intermediate - 1 a positive multiple
+    of features - 1 on both sides, so that it keeps every input sample), else None."""
+    zooms = set()
+    for f, s, i in zip(features_size, intermediate_size, image_size):
+        if f < 2 or s < f or (s - 1) % (f - 1) or (i - 1) % (f - 1):
+            return None
+        zooms.add((i - 1) // (f - 1))
+    zoom = zooms.pop() if len(zooms) == 1 else None
+    return zoom if zoom is not None and 1 <= zoom <= MAX_ZOOM else None
 
 
 def _zoom2(x) -> tuple[int, int]:

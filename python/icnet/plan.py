@@ -41,14 +41,13 @@ import icnet_kernels
 from icnet.graphs import CudaGraphRunner
 from icnet.layers import Bottleneck, ConvBN, caffe_resize, epilogue_fallbacks, fused_epilogue
 from icnet import plan_tuning
-from icnet.model import ICNet, PyramidPooling, _zoom2
+from icnet.model import ICNet, PyramidPooling, _zoom2, exact_head_zoom
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
 from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_folded, flat_weight_high, fold_bias,
                                                       fold_scale)
 from icnet_kernels.ops.conv2d_epilogue import conv_output_size
-from icnet_kernels.ops.segmentation_head import MAX_ZOOM
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,6 @@ def conv_on_the_unshrunk_map(conv) -> SimpleNamespace:
     zero padding on either side covers exactly the taps that fall outside the shrunk map."""
     return SimpleNamespace(stride=tuple(2 * v for v in conv.stride), padding=tuple(2 * v for v in conv.padding),
                            dilation=tuple(2 * v for v in conv.dilation), groups=conv.groups)
-
-
-def exact_head_zoom(features_size, intermediate_size, image_size) -> int | None:
-    """The integer zoom z with image = (features - 1) * z + 1 on both sides when resizing the features to
-    intermediate_size and then to image_size equals that one zoom (intermediate - 1 a positive multiple
-    of features - 1 on both sides, so that it keeps every input sample), else None."""
-    zooms = set()
-    for f, s, i in zip(features_size, intermediate_size, image_size):
-        if f < 2 or s < f or (s - 1) % (f - 1) or (i - 1) % (f - 1):
-            return None
-        zooms.add((i - 1) // (f - 1))
-    zoom = zooms.pop() if len(zooms) == 1 else None
-    return zoom if zoom is not None and 1 <= zoom <= MAX_ZOOM else None
 
 
 class PlanConv(nn.Module):
