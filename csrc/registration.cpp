@@ -20,6 +20,9 @@ TORCH_LIBRARY(icnet, m) {
   // argmax over the classes as uint8 [N, H, W] and never writes the logits. Inference only.
   m.def("segmentation_head(Tensor features, Tensor weight, Tensor bias, int zoom) -> Tensor");
   m.def("segmentation_head_labels(Tensor features, Tensor weight, Tensor bias, int zoom) -> Tensor");
+  // A copy of x (contiguous in NCHW or channels_last) in the other of the two layouts, by a cache-blocked
+  // transpose: the CPU layout switches of the fused build's inference. Internal: no autograd, no meta kernel.
+  m.def("_relayout(Tensor x, bool channels_last) -> Tensor");
   // conv2d(input, weight, padding=1) for a [Co, C, 3, 3] weight by Winograd's F(2x2, 3x3), float32, CPU:
   // the CPU CFF kernel's low-resolution convolution, exposed for its tests and measurements. Internal: no
   // autograd and no meta kernel.

@@ -158,6 +158,20 @@ def caffe_resize(x: torch.Tensor, zoom: int | None = None, shrink: int | None = 
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def shrink2(x: torch.Tensor) -> torch.Tensor:
+    """caffe_resize(x, shrink=2): every other pixel where a side is odd (exactly the resize's values for
+    finite inputs), the bilinear resize elsewhere."""
+    if odd_sides(x):
+        return x[:, :, ::2, ::2].contiguous(memory_format=memory_format_of(x))
+    return caffe_resize(x, shrink=2)
+
+
+def odd_sides(x_or_size) -> bool:
+    """Whether both spatial sides are odd: where shrink2 is a strided read."""
+    h, w = x_or_size.shape[-2:] if isinstance(x_or_size, torch.Tensor) else x_or_size
+    return h % 2 == 1 and w % 2 == 1
+
+
 class ReferenceCascadeFeatureFusion(nn.Module):
     """The cascade feature fusion unit as separate plain layers; same parameter names as the fused
     icnet_kernels.CascadeFeatureFusion, so the two share state_dicts."""

@@ -11,7 +11,8 @@ from torch import nn
 import icnet_kernels
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.segmentation_head import MAX_ZOOM
-from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize
+from icnet_kernels.layout import to_memory_format
+from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize, shrink2
 
 MODES = ("sub4", "sub24", "sub124")
 PPM_BINS = (1, 2, 3, 6)
@@ -130,21 +131,27 @@ class ICNet(nn.Module):
 
     def forward(self, image: torch.Tensor):
         stem, layout = self._stem_layout(image), self._body_layout(image)
-        sub2 = caffe_resize(image, shrink=2)
-        x = self.conv2(self.pool1(self.conv1(sub2.contiguous(memory_format=stem))))
-        conv3_1 = self.conv3_1(x).contiguous(memory_format=layout)
-        x = self.conv3_rest(caffe_resize(conv3_1, shrink=2))
+        x = self.conv2(self.pool1(self.conv1(to_memory_format(self._shrink2(image), stem))))
+        conv3_1 = to_memory_format(self.conv3_1(x), layout)
+        x = self.conv3_rest(self._shrink2(conv3_1))
         x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
         if self.mode == "sub4" and not self.training:
             return self._logits(self.cls_sub4, x, _zoom2(x), image)
         sub24, up_sub4 = self._fuse(self.cff_sub24, x, conv3_1)
         if self.mode == "sub24" and not self.training:
             return self._logits(self.cls_sub24, sub24, self._eighth(image), image)
-        sub1 = self.sub1(image.contiguous(memory_format=stem)).contiguous(memory_format=layout)
+        sub1 = to_memory_format(self.sub1(to_memory_format(image, stem)), layout)
         sub12, up_sub24 = self._fuse(self.cff_sub12, sub24, sub1)
         if not self.training:
             return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image)
         return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), self.cls_sub124(caffe_resize(sub12, zoom=2))
+
+    def _shrink2(self, x: torch.Tensor) -> torch.Tensor:
+        """Caffe's shrink by 2; in the fused build's inference the strided read of every other pixel where it
+        is exact (both sides odd, as at 1025x2049), instead of a bilinear resize."""
+        if self.fused and not self.training:
+            return shrink2(x)
+        return caffe_resize(x, shrink=2)
 
     def _stem_layout(self, image: torch.Tensor) -> torch.memory_format:
         """The layout of the convolutions over the largest maps (the trunk up to conv3_1, and sub1).
@@ -188,10 +195,10 @@ class ICNet(nn.Module):
         icnet_kernels.segmentation_head, which writes the full-resolution logits once.
         """
         layout = memory_format_of(image)
-        zoom = exact_head_zoom(features.shape[-2:], size, image.shape[-2:])
-        if (self.fused and zoom is not None and image.device.type == "cpu" and classifier.bias is not None
-                and not torch.is_grad_enabled()):
-            return icnet_kernels.segmentation_head(features.contiguous(memory_format=layout), classifier.weight,
+        # the sizes are read only where the head can run: in a trace with symbolic sizes they would specialise
+        if (self.fused and image.device.type == "cpu" and classifier.bias is not None and not torch.is_grad_enabled()
+                and (zoom := exact_head_zoom(features.shape[-2:], size, image.shape[-2:])) is not None):
+            return icnet_kernels.segmentation_head(to_memory_format(features, layout), classifier.weight,
                                                    classifier.bias, zoom)
         if self.fused and tuple(size) == _zoom2(features):
             return caffe_resize(classifier(features).contiguous(memory_format=layout), size=image.shape[-2:])

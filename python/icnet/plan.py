@@ -39,9 +39,10 @@ from torch import nn
 
 import icnet_kernels
 from icnet.graphs import CudaGraphRunner
-from icnet.layers import Bottleneck, ConvBN, caffe_resize, epilogue_fallbacks, fused_epilogue
+from icnet.layers import Bottleneck, ConvBN, caffe_resize, epilogue_fallbacks, fused_epilogue, odd_sides, shrink2
 from icnet import plan_tuning
-from icnet.model import ICNet, PyramidPooling, _zoom2, exact_head_zoom
+from icnet.model import (ICNet, PPM_BINS, PyramidPooling, RELEASED_PPM_KERNELS, RELEASED_PPM_MAP,
+                         RELEASED_PPM_STRIDES, _zoom2, exact_head_zoom)
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
@@ -50,20 +51,6 @@ from icnet_kernels.ops.cascade_feature_fusion import (cascade_feature_fusion_fol
 from icnet_kernels.ops.conv2d_epilogue import conv_output_size
 
 log = logging.getLogger(__name__)
-
-
-def shrink2(x: torch.Tensor) -> torch.Tensor:
-    """caffe_resize(x, shrink=2): every other pixel where a side is odd (exactly the resize's values for
-    finite inputs), the bilinear resize elsewhere."""
-    if odd_sides(x):
-        return x[:, :, ::2, ::2].contiguous(memory_format=memory_format_of(x))
-    return caffe_resize(x, shrink=2)
-
-
-def odd_sides(x_or_size) -> bool:
-    """Whether both spatial sides are odd: where shrink2 is a strided read."""
-    h, w = x_or_size.shape[-2:] if isinstance(x_or_size, torch.Tensor) else x_or_size
-    return h % 2 == 1 and w % 2 == 1
 
 
 def conv_on_the_unshrunk_map(conv) -> SimpleNamespace:
@@ -78,12 +65,15 @@ class PlanConv(nn.Module):
     """A ConvBN with its BatchNorm folded: conv + bias (+ residual) (+ ReLU)."""
 
     def __init__(self, module: ConvBN, dtype: torch.dtype, memory_format: torch.memory_format, device,
-                 residual: bool = False):
-        """residual: whether a residual joins this convolution's epilogue (a bottleneck's increase)."""
+                 residual: bool = False, linear: bool = False):
+        """residual: whether a residual joins this convolution's epilogue (a bottleneck's increase). linear:
+        whether it is also called for the convolution alone (forward's linear; conv5_4, for the pyramid fold)."""
         super().__init__()
         weight, shift = module._fold()
         self.register_buffer("weight", weight.to(device=device, dtype=dtype).contiguous(memory_format=memory_format))
         self.register_buffer("bias", shift.to(device=device, dtype=dtype))
+        if linear:  # the Triton convolution always adds a bias
+            self.register_buffer("zero_bias", torch.zeros_like(self.bias))
         conv = module.conv  # its hyper-parameters only: the plan keeps no reference to the model's tensors
         self.conv = SimpleNamespace(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                     groups=conv.groups)
@@ -107,11 +97,14 @@ class PlanConv(nn.Module):
         tiles = x.shape[0] * -(-oh * ow // 64) * -(-self.weight.shape[0] // 64)
         return max(1, min(8, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count // tiles))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
+        """linear: the convolution alone, without its bias and ReLU (a fold adds them in its epilogue)."""
         if self.backend == "triton":
-            return icnet_kernels.conv2d_epilogue(x, self.weight, self.bias, residual, self.conv.stride[0],
-                                                 self.conv.padding[0], self.conv.dilation[0], self.relu,
-                                                 self._split_k(x), backend="triton")
+            return icnet_kernels.conv2d_epilogue(x, self.weight, self.zero_bias if linear else self.bias, residual,
+                                                 self.conv.stride[0], self.conv.padding[0], self.conv.dilation[0],
+                                                 self.relu and not linear, self._split_k(x), backend="triton")
+        if linear:
+            return F.conv2d(x, self.weight, None, self.conv.stride, self.conv.padding, self.conv.dilation)
         if self.epilogue is not None:
             try:
                 return self.epilogue(x, self.weight, self.bias, self.conv, self.relu, residual)
@@ -156,6 +149,57 @@ class PlanCascadeFeatureFusion(nn.Module):
     def forward(self, low, high):
         return cascade_feature_fusion_folded(low, high, self.weight_low, self.weight_high, self.bias, self.dilation,
                                              True, self.backend)
+
+
+def pyramid_pooling_geometry(height: int, width: int) -> tuple:
+    """(bins, kernel_sizes, strides) of icnet.model.PyramidPooling on a height x width map: the released
+    windows on the 33x65 map, adaptive pooling elsewhere, each bin at most the map's shorter side."""
+    if (height, width) == RELEASED_PPM_MAP:
+        return PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
+    return tuple(min(b, height, width) for b in PPM_BINS), None, None
+
+
+class PlanPyramidConv(nn.Module):
+    """conv5_4(pyramid pooling(x)), ICNet's pyramid pooling and the 1x1 convolution after it.
+
+    backend None, "native", "triton" or "reference" runs the pyramid op on that backend (None: the library's
+    default), then the convolution. "fold" (Triton) never writes the pyramid sum: the 1x1 convolution
+    commutes with the pooling and the per-channel expansion, so conv5_4 runs on x itself without its bias
+    and ReLU (y = W x, on the convolution's own backend), the bins pool y (a few dozen pixels per image), and
+    one epilogue kernel writes relu(y + their expansion + bias)
+    (icnet_kernels.triton.pyramid_expansion_epilogue)."""
+
+    fold_backends = ("fold",)  # beyond the pyramid op's backends; plan_tuning times it beside them
+
+    def __init__(self, conv: PlanConv, backend: str | None):
+        super().__init__()
+        self.pooling = PyramidPooling(fused=True)
+        self.conv = conv
+        self.backend = backend
+        self.fold_tables = {}  # per map size, made by the first call (the plan's build runs one)
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        self._backend = backend
+        if backend not in self.fold_backends:
+            self.pooling.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend not in self.fold_backends:
+            return self.conv(self.pooling(x))
+        from icnet_kernels.triton.pyramid_expansion_epilogue import (pooled_grids, pyramid_expansion_epilogue_triton,
+                                                                     pyramid_fold_tables)
+        size = tuple(x.shape[-2:])
+        tables = self.fold_tables.get(size)
+        if tables is None:
+            tables = self.fold_tables[size] = pyramid_fold_tables(*size, *pyramid_pooling_geometry(*size),
+                                                                  align_corners=True, device=x.device)
+        y = self.conv(x, linear=True)
+        return pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), self.conv.bias, tables, self.conv.relu)
 
 
 class PlanHead(nn.Module):
@@ -212,9 +256,10 @@ class PlanNetwork(nn.Module):
                                                    for s in (model.conv3_rest, model.conv4, model.conv5))
         # ATen's CUDA max pooling also writes int64 indices for a backward; the Triton op writes values only
         self.pool_kernel = triton_usable(device)
-        self.ppm = PyramidPooling(fused=True)
-        self.ppm.backend = backend
-        self.conv5_4 = PlanConv(model.conv5_4, dtype, self.layout, device)
+        # conv5_4 first, so that it keeps its own name among the tunable layers; on a GPU the pyramid pooling
+        # folds into it by default
+        self.conv5_4 = PlanConv(model.conv5_4, dtype, self.layout, device, linear=True)
+        self.ppm = PlanPyramidConv(self.conv5_4, "fold" if backend is None and device.type == "cuda" else backend)
         classifier = {"sub4": model.cls_sub4, "sub24": model.cls_sub24, "sub124": model.cls_sub124}[self.mode]
         self.head = PlanHead(classifier, dtype, device, labels)
         if self.mode != "sub4":
@@ -250,7 +295,7 @@ class PlanNetwork(nn.Module):
         x = self.conv2(x)
         conv3_1 = self.conv3_1(x).contiguous(memory_format=self.layout)
         x = self.conv5(self.conv4(self.conv3_rest(shrink2(conv3_1))))
-        x = self.conv5_4(self.ppm(x))
+        x = self.ppm(x)  # conv5_4 included
         image_size = tuple(image.shape[-2:])
         if self.mode == "sub4":
             return self.head(x, _zoom2(x), image_size)
