@@ -1,7 +1,8 @@
 """Per-layer backend choice for an inference plan, by measurement on the plan's own inputs.
 
 The layers with more than one implementation (pyramid pooling and the two cascade feature fusion units:
-the compiled kernel, the Triton kernel on a GPU, and ATen's composition, the reference; every convolution:
+the compiled kernel, the Triton kernel on a GPU, and ATen's composition, the reference; pyramid pooling also
+folded into conv5_4 on a GPU, so its times include conv5_4's, which the fold replaces; every convolution:
 the library's, cuDNN or oneDNN, or icnet's Triton implicit GEMM on a GPU) are each timed with every
 implementation that runs here, on the tensors they receive for the plan's example, and keep the fastest. The choice is a plain {layer: backend} dict, which a results file can keep and a later build can
 take as it is, without measuring again: TunedChoices reads them back from the end-to-end benchmark's results
@@ -38,14 +39,15 @@ def tunable_layers(network: nn.Module) -> dict[str, nn.Module]:
 
 def candidates(layer: nn.Module, device: torch.device) -> list[str]:
     """The implementations of layer that can run on device; Triton only on a GPU (the interpreter is a test
-    tool). Pyramid pooling and the fusion units: the compiled kernel, Triton, ATen's composition."""
+    tool). Pyramid pooling and the fusion units: the compiled kernel, Triton, ATen's composition, and the
+    layer's fold_backends (Triton kernels) on a GPU."""
     if hasattr(layer, "backend_candidates"):
         return layer.backend_candidates(device)
     found = []
     if icnet_kernels.native_available() and (device.type == "cpu" or icnet_kernels.native_cuda_available()):
         found.append("native")
     if device.type == "cuda" and triton_usable(device):
-        found.append("triton")
+        found += ["triton", *getattr(layer, "fold_backends", ())]
     return found + ["reference"]
 
 
@@ -56,7 +58,7 @@ def apply_choices(network: nn.Module, choices: dict[str, str]) -> None:
         if name not in layers:
             raise ValueError(f"choices: {name!r} is not a tunable layer of this plan")
         allowed = layers[name].backend_candidates(torch.device("cuda")) if hasattr(
-            layers[name], "backend_candidates") else OP_BACKENDS
+            layers[name], "backend_candidates") else OP_BACKENDS + getattr(layers[name], "fold_backends", ())
         if backend not in allowed:
             raise ValueError(f"choices: {name!r} names the backend {backend!r}, not one of {list(allowed)}")
         layers[name].backend = backend
