@@ -37,7 +37,8 @@ def fold_calls(monkeypatch):
 
 
 @cpu_twin
-@pytest.mark.parametrize("mode,size,layout,seed", [("sub124", EXACT, "channels_last", 1), ("sub4", INEXACT, "contiguous", 0),
+@pytest.mark.parametrize("mode,size,layout,seed", [("sub124", EXACT, "channels_last", 1),
+                                                   ("sub4", INEXACT, "contiguous", 0),
                                                    ("sub24", INEXACT, "channels_last", 1)],
                          ids=["sub124-exact-channels_last", "sub4-inexact", "sub24-inexact-channels_last"])
 def test_the_folded_plan_matches_the_unfolded_plan_and_the_reference_build(mode, size, layout, seed, fold_calls):
@@ -101,7 +102,7 @@ def test_tuning_times_the_fold_beside_the_pyramid_op(monkeypatch, fold_calls):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
-def test_on_a_gpu_the_plan_folds_by_default():
+def test_on_cuda_the_plan_folds_by_default():
     image, expected, _, _ = built("sub124", EXACT)
     image = image.cuda()
     model = reference_model("sub124").cuda()

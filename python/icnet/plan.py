@@ -23,7 +23,9 @@ call replays; on the CPU the same plan runs eagerly, which is how its arithmetic
 The CUDA path has not yet run on a GPU.
 
 Pyramid pooling and the fusion units run the library's default implementation, one named by backend, or
-the fastest measured on the plan's own inputs (icnet.plan_tuning).
+the fastest measured on the plan's own inputs (icnet.plan_tuning). On a GPU the pyramid pooling by default
+folds into conv5_4 (PlanPyramidConv): the 1x1 convolution commutes with the pooling and the expansion, so
+the pyramid sum over conv5_4's 1024 input channels is never written.
 
 The plan is a snapshot of the model's weights: after changing them, build a new plan.
 """
@@ -318,12 +320,14 @@ class InferencePlan:
     [N, H, W] as uint8. On CUDA (cuda_graph=True, the default there) the output is the graph's static
     buffer, overwritten by the next call: clone it to keep it. backend chooses the implementation of the
     ops that have both a compiled and a Triton kernel, pyramid pooling and the fusion units (None: the
-    library's default, "native", "triton" or "reference"). concurrent (default: on CUDA) runs the
-    full-resolution branch on a second CUDA stream. tune=True times those layers with every implementation
-    that runs here and keeps the fastest of each (timings: the medians, ms); choices takes such a choice
-    without measuring: {layer: backend} as plan.choices gives it, or the end-to-end benchmark's results
-    file (a path, or plan_tuning.TunedChoices), whose tuned row for this device, mode, dtype, layout and
-    shape it applies; without such a row the plan is untuned (and says so in one log line).
+    library's default, with the pyramid pooling folded into conv5_4 on CUDA; "native", "triton" or
+    "reference", the pyramid op unfolded; plan.choices' "ppm" is "fold" where it is folded). concurrent
+    (default: on CUDA) runs the full-resolution branch on a second CUDA stream. tune=True times those
+    layers with every implementation that runs here and keeps the fastest of each (timings: the medians,
+    ms); choices takes such a choice without measuring: {layer: backend} as plan.choices gives it, or the
+    end-to-end benchmark's results file (a path, or plan_tuning.TunedChoices), whose tuned row for this
+    device, mode, dtype, layout and shape it applies; without such a row the plan is untuned (and says so
+    in one log line).
     """
 
     def __init__(self, model: ICNet, example: torch.Tensor, labels: bool = False, cuda_graph: bool | None = None,
