@@ -75,7 +75,7 @@ def test_the_fold_runs_conv5_4_on_its_chosen_triton_convolution(fold_calls):
 
 
 @cpu_twin
-def test_the_fold_is_a_tunable_choice_on_gpus_and_the_default_there():
+def test_the_fold_is_a_tunable_choice_on_gpus():
     image, _, unfolded, _ = built("sub4", INEXACT)
     ppm = unfolded.network.ppm
     assert "fold" in plan_tuning.candidates(ppm, torch.device("cuda"))

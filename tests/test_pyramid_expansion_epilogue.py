@@ -1,5 +1,5 @@
 """The folded pyramid pooling + 1x1 convolution (icnet_kernels.triton.pyramid_expansion_epilogue) against
-conv1x1(pyramid_pool_sum(x)) in float64: random shapes, bins, explicit and adaptive pooling, layouts, the
+conv1x1(pyramid_pool_sum(x)) in float64: random shapes, bins, explicit and adaptive pooling, layouts, 16-bit maps, the
 released geometry; NaN confinement, empty batches and bad arguments. Outputs start as NaN (conftest), so
 an element the kernel never writes fails the comparison."""
 
@@ -83,6 +83,15 @@ def test_the_released_geometry_on_its_33x65_map(layout):
     """ICNet's own pooling windows, with more channels and output channels than one tile."""
     x, weight, bias = make_inputs(1, 24, 20, *RELEASED_PPM_MAP, torch.float32, seed=7)
     check(x, weight, bias, PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES, True, True, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_maps(dtype, layout):
+    """16-bit y and output, pooled and expanded in float32: within twice the error of the same composition in
+    the same dtype (the interpreter runs these too: the kernel's products are float32 whatever y's dtype)."""
+    x, weight, bias = make_inputs(2, 8, 12, 9, 13, dtype, seed=6)
+    check(x, weight, bias, PPM_BINS, None, None, True, True, layout, f"{dtype} {layout}")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 5), (2, 3)])
