@@ -18,18 +18,24 @@ from tests.helpers import ATOL, GPU, LAYOUTS, assert_within_budget, dtypes_for, 
 DEVICE = "cuda" if GPU else "cpu"
 
 
+@pytest.fixture(scope="module", params=[DEVICE], ids=[f"triton-{DEVICE}"])
+def device(request):
+    """Where the kernel runs, named in the test id: a GPU session selects its tests by "cuda"."""
+    return request.param
+
+
 def conv_of_pyramid(x, weight, bias, bins, kernel_sizes, strides, align_corners, relu):
     """The unfused definition: the pyramid op's reference, then the 1x1 convolution, bias and ReLU."""
     y = F.conv2d(pyramid_pool_sum_reference(x, bins, kernel_sizes, strides, align_corners), weight, bias)
     return torch.relu(y) if relu else y
 
 
-def make_inputs(n, ci, co, h, w, dtype, seed):
+def make_inputs(n, ci, co, h, w, dtype, seed, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
     weight = torch.randn(co, ci, 1, 1, generator=g, dtype=torch.float64) / ci ** 0.5
     bias = torch.randn(co, generator=g, dtype=torch.float64)
-    return tuple(t.to(dtype=dtype, device=DEVICE) for t in (x, weight, bias))
+    return tuple(t.to(dtype=dtype, device=device) for t in (x, weight, bias))
 
 
 def fold(x, weight, bias, bins, kernel_sizes, strides, align_corners, relu, layout="contiguous"):
@@ -61,7 +67,7 @@ def explicit_windows(draw, length: int, n: int):
 
 @settings(max_examples=12)
 @given(data=st.data())
-def test_fold_matches_the_convolution_of_pyramid_pooling(data):
+def test_fold_matches_the_convolution_of_pyramid_pooling(device, data):
     h, w = data.draw(st.integers(1, 12), label="h"), data.draw(st.integers(1, 12), label="w")
     bins = data.draw(st.lists(st.integers(1, min(h, w, 6)), min_size=1, max_size=4), label="bins")
     kernel_sizes = strides = None
@@ -70,34 +76,34 @@ def test_fold_matches_the_convolution_of_pyramid_pooling(data):
         kernel_sizes = [(wh[0], ww[0]) for wh, ww in windows]
         strides = [(wh[1], ww[1]) for wh, ww in windows]
     n, ci, co = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 12)), data.draw(st.integers(1, 20))
-    dtype = data.draw(st.sampled_from(dtypes_for("triton", DEVICE)), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for("triton", device)), label="dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
     align_corners, relu = data.draw(st.booleans(), label="align_corners"), data.draw(st.booleans(), label="relu")
-    x, weight, bias = make_inputs(n, ci, co, h, w, dtype, data.draw(st.integers(0, 2**31 - 1)))
+    x, weight, bias = make_inputs(n, ci, co, h, w, dtype, data.draw(st.integers(0, 2**31 - 1)), device)
     check(x, weight, bias, bins, kernel_sizes, strides, align_corners, relu, layout,
           f"{h}x{w} bins {bins} {kernel_sizes} {strides} {layout} {dtype}")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_the_released_geometry_on_its_33x65_map(layout):
+def test_the_released_geometry_on_its_33x65_map(device, layout):
     """ICNet's own pooling windows, with more channels and output channels than one tile."""
-    x, weight, bias = make_inputs(1, 24, 20, *RELEASED_PPM_MAP, torch.float32, seed=7)
+    x, weight, bias = make_inputs(1, 24, 20, *RELEASED_PPM_MAP, torch.float32, seed=7, device=device)
     check(x, weight, bias, PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES, True, True, layout)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16_bit_maps(dtype, layout):
+def test_16_bit_maps(device, dtype, layout):
     """16-bit y and output, pooled and expanded in float32: within twice the error of the same composition in
     the same dtype (the interpreter runs these too: the kernel's products are float32 whatever y's dtype)."""
-    x, weight, bias = make_inputs(2, 8, 12, 9, 13, dtype, seed=6)
+    x, weight, bias = make_inputs(2, 8, 12, 9, 13, dtype, seed=6, device=device)
     check(x, weight, bias, PPM_BINS, None, None, True, True, layout, f"{dtype} {layout}")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 5), (2, 3)])
-def test_maps_smaller_than_the_bins(size):
+def test_maps_smaller_than_the_bins(device, size):
     """The plan's adaptive geometry on maps smaller than the largest bin (each bin clamped to the shorter side)."""
-    x, weight, bias = make_inputs(2, 5, 6, *size, torch.float32, seed=8)
+    x, weight, bias = make_inputs(2, 5, 6, *size, torch.float32, seed=8, device=device)
     check(x, weight, bias, *pyramid_pooling_geometry(*size), True, True, "contiguous")
 
 
@@ -110,13 +116,13 @@ def test_the_plans_geometry_is_the_models(size):
     assert torch.equal(pyramid_pool_sum_reference(x, *pyramid_pooling_geometry(*size), True), expected)
 
 
-def test_a_nan_stays_in_its_channel_plane():
+def test_a_nan_stays_in_its_channel_plane(device):
     """NaN in y reaches the output at its own pixel; the dense expansion may spread it over its channel plane,
     but never into another channel or image."""
-    _, weight, bias = make_inputs(2, 3, 4, 5, 7, torch.float32, seed=9)
-    y = torch.randn(2, 4, 5, 7, device=DEVICE)
+    _, _, bias = make_inputs(2, 3, 4, 5, 7, torch.float32, seed=9, device=device)
+    y = torch.randn(2, 4, 5, 7, device=device)
     y[1, 2, 3, 4] = float("nan")
-    tables = pyramid_fold_tables(5, 7, (1, 2, 3), device=DEVICE)
+    tables = pyramid_fold_tables(5, 7, (1, 2, 3), device=device)
     out = pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), bias, tables, relu=True)
     assert out[1, 2, 3, 4].isnan()
     clean = torch.ones_like(out, dtype=torch.bool)
@@ -124,10 +130,10 @@ def test_a_nan_stays_in_its_channel_plane():
     assert not out[clean].isnan().any()
 
 
-def test_empty_batch():
-    y = torch.randn(0, 4, 5, 7, device=DEVICE)
-    tables = pyramid_fold_tables(5, 7, (1, 2), device=DEVICE)
-    assert pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), torch.zeros(4, device=DEVICE),
+def test_empty_batch(device):
+    y = torch.randn(0, 4, 5, 7, device=device)
+    tables = pyramid_fold_tables(5, 7, (1, 2), device=device)
+    assert pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), torch.zeros(4, device=device),
                                              tables).shape == (0, 4, 5, 7)
 
 
