@@ -284,33 +284,54 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
   const std::vector<T> b = to_buffer<T>(bias);
   scalar_t* y_out = out.mutable_data_ptr<scalar_t>();
   const int64_t on = out.stride(0), oc = out.stride(1), oy = out.stride(2), ox = out.stride(3);
+  // Output row y of channel co (plane task = n * Co + co) before the ReLU, into row[0, W).
+  const auto pre_activation_row = [&](int64_t task, int64_t y, T* blended, T* row) {
+    const int64_t n = task / s.Co, co = task % s.Co;
+    const T* low_plane = cl.plane(n, co);
+    // bilinear gather of the low-resolution conv, blending its two rows and then along x. On the exact
+    // 2x zoom with align_corners the taps are fixed: an even position takes (1, 0) of sources (k, k+1),
+    // an odd one (1/2, 1/2). Written out, the loops vectorise; the products are those of the general
+    // taps (resize.h), zero weights included, so NaN and inf travel exactly as there.
+    zoom_2x(low_plane + (y / 2) * cl.sy, low_plane + std::min(y / 2 + 1, s.h - 1) * cl.sy, y % 2 == 1, s.w,
+            blended);
+    const T* p = pr.plane(n, co) + y * pr.sy;
+    for (int64_t x = 0; x < s.w; ++x) {
+      const int64_t next = std::min(x + 1, s.w - 1);
+      row[2 * x] = blended[x] + T(0) * blended[next];
+      if (x + 1 < s.w) row[2 * x + 1] = T(0.5) * blended[x] + T(0.5) * blended[next];
+    }
+    for (int64_t x = 0; x < s.W; ++x) row[x] += p[x * pr.sx] + b[co];
+    if (y == 1)
+      for (int64_t x = 0; x < s.W; ++x) row[x] += top[task * s.W + x];
+    if (y == s.H - 2)
+      for (int64_t x = 0; x < s.W; ++x) row[x] += bottom[task * s.W + x];
+    row[1] += left[task * s.H + y];
+    row[s.W - 2] += right[task * s.H + y];
+  };
   RECORD_FUNCTION("icnet::cff_shortcut_pass", {});  // to the end of the function: the pass alone
+  if (oc == 1 && ox == s.Co) {
+    // channels_last: a task is one output row of one image, all channels, so that every store is
+    // contiguous; the channels' rows meet in a cache-resident [W, Co] buffer.
+    at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> blended(s.w), row(s.W), pixels(s.W * s.Co);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / s.H, y = task % s.H;
+        for (int64_t co = 0; co < s.Co; ++co) {
+          pre_activation_row(n * s.Co + co, y, blended.data(), row.data());
+          for (int64_t x = 0; x < s.W; ++x) pixels[x * s.Co + co] = row[x];
+        }
+        scalar_t* dst = y_out + n * on + y * oy;
+        for (int64_t i = 0; i < s.W * s.Co; ++i) dst[i] = static_cast<scalar_t>(std::max(pixels[i], T(0)));
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, s.N * s.Co, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> blended(s.w), row(s.W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.Co, co = task % s.Co;
-      const T* low_plane = cl.plane(n, co);
-      const T* proj_plane = pr.plane(n, co);
       for (int64_t y = 0; y < s.H; ++y) {
-        // bilinear gather of the low-resolution conv, blending its two rows and then along x. On the exact
-        // 2x zoom with align_corners the taps are fixed: an even position takes (1, 0) of sources (k, k+1),
-        // an odd one (1/2, 1/2). Written out, the loops vectorise; the products are those of the general
-        // taps (resize.h), zero weights included, so NaN and inf travel exactly as there.
-        zoom_2x(low_plane + (y / 2) * cl.sy, low_plane + std::min(y / 2 + 1, s.h - 1) * cl.sy, y % 2 == 1, s.w,
-                blended.data());
-        const T* p = proj_plane + y * pr.sy;
-        for (int64_t x = 0; x < s.w; ++x) {
-          const int64_t next = std::min(x + 1, s.w - 1);
-          row[2 * x] = blended[x] + T(0) * blended[next];
-          if (x + 1 < s.w) row[2 * x + 1] = T(0.5) * blended[x] + T(0.5) * blended[next];
-        }
-        for (int64_t x = 0; x < s.W; ++x) row[x] += p[x * pr.sx] + b[co];
-        if (y == 1)
-          for (int64_t x = 0; x < s.W; ++x) row[x] += top[task * s.W + x];
-        if (y == s.H - 2)
-          for (int64_t x = 0; x < s.W; ++x) row[x] += bottom[task * s.W + x];
-        row[1] += left[task * s.H + y];
-        row[s.W - 2] += right[task * s.H + y];
+        pre_activation_row(task, y, blended.data(), row.data());
         scalar_t* dst = y_out + n * on + co * oc + y * oy;
         for (int64_t x = 0; x < s.W; ++x) dst[x * ox] = static_cast<scalar_t>(std::max(row[x], T(0)));
       }
