@@ -1,5 +1,6 @@
 """Benchmark cases and providers for the segmentation head: ICNet's classifier and 8x zoom to the image,
-as logits and as uint8 labels. GPU only: the op has no compiled CPU kernel to compare."""
+as logits and as uint8 labels. On the CPU its C++ kernel against eager ATen; on a GPU the Triton kernel
+(there is no CUDA C++ one) against eager and torch.compile."""
 
 from functools import partial
 
@@ -15,7 +16,7 @@ ICNET_MAP = (129, 257)  # cff_sub12's output at 1025x2049, zoomed 8x to the imag
 
 
 def eager_head(features, weight, bias, zoom: int, labels: bool) -> torch.Tensor:
-    """What the fused build runs today: the classifier on the small map, then ATen's bilinear resize."""
+    """In ATen ops: the classifier on the small map, then the bilinear resize (the fused build's GPU eager path)."""
     h, w = features.shape[-2:]
     logits = F.interpolate(F.conv2d(features, weight[:, :, None, None], bias),
                            size=((h - 1) * zoom + 1, (w - 1) * zoom + 1), mode="bilinear", align_corners=True)
@@ -36,10 +37,12 @@ def _case(variant: str, batch: int, dtype: torch.dtype) -> Case:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type != "cuda":
-        return []
-    batches = (1,) if quick else (1, 16)
-    dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    if device.type == "cuda":
+        batches = (1,) if quick else (1, 16)
+        dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    else:
+        batches = (1,) if quick else (1, 4)
+        dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     return [_case(variant, batch, dtype) for dtype in dtypes for batch in batches
             for variant in ("logits-channels_last", "logits-nchw", "labels-channels_last")]
 
@@ -73,5 +76,6 @@ def _icnet(backend: str) -> ProviderBuilder:
 
 def providers(device: torch.device) -> dict[str, ProviderBuilder]:
     found = standard_providers(device, _eager, _icnet)
-    found.pop("icnet-native")  # the head has no compiled kernel
+    if device.type == "cuda":
+        found.pop("icnet-native")  # the head's compiled kernel is the CPU's alone
     return found

@@ -206,3 +206,25 @@ def test_fused_cpu_inference_classifies_and_zooms_in_one_op_at_an_exact_size(mod
             model(torch.randn(1, 3, *size))
         assert ("segmentation_head" in recorder.names) == exact, (size, recorder.names[-6:])
         assert recorder.names[-1] == ("segmentation_head" if exact else "upsample_bilinear2d")
+
+
+@BUILD_PAIRS_NEED_NATIVE
+@pytest.mark.parametrize("size,exact", [((97, 161), True), ((130, 67), False)], ids=["exact", "inexact"])
+def test_predict_labels_is_the_argmax_of_the_logits(size, exact):
+    """At an exact size the fused CPU head writes the labels alone (no logits op runs); elsewhere the logits'
+    argmax. Both equal the forward's argmax wherever its top two logits are apart."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(ICNet(width=0.125)).eval()
+    image = torch.randn(2, 3, *size) * 60
+    with torch.inference_mode(), DispatchedOps() as recorder:
+        labels = model.predict_labels(image)
+    with torch.inference_mode():
+        logits = model(image)
+    assert labels.dtype == torch.uint8 and labels.shape == (2, *size)
+    assert ("segmentation_head_labels" in recorder.names) == exact and "segmentation_head" not in recorder.names
+    top2 = logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * logits.abs().max()
+    assert clear.float().mean() > 0.99
+    assert torch.equal(labels[clear], logits.argmax(1).to(torch.uint8)[clear])
+    with pytest.raises(ValueError, match="eval mode"):
+        model.train().predict_labels(image)

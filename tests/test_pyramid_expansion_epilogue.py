@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from icnet.model import PPM_BINS, PyramidPooling, RELEASED_PPM_KERNELS, RELEASED_PPM_MAP, RELEASED_PPM_STRIDES
-from icnet.plan import pyramid_pooling_geometry
+from icnet.model import pyramid_pooling_geometry
 from icnet_kernels.reference import pyramid_pool_sum_reference
 from icnet_kernels.triton.pyramid_expansion_epilogue import (pooled_grids, pyramid_expansion_epilogue_triton,
                                                              pyramid_fold_tables)

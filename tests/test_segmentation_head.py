@@ -234,3 +234,22 @@ def test_backward_says_the_op_is_inference_only(kernel):
     logits = segmentation_head(features.requires_grad_(), weight, bias, 2, backend=kernel.backend)
     with pytest.raises(RuntimeError, match="inference-only"):
         logits.sum().backward()
+
+
+@pytest.mark.parametrize("name", NATIVE_OPS[:1])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_native_bfloat16_logits_round_as_torch_does(name, layout):
+    """The C++ kernel rounds its float32 results to bfloat16 itself (vectorised): bit for bit torch's rounding
+    of the same float32 results, halfway cases and infinities included; NaN where torch's is NaN (the NaN
+    bit patterns of torch's own scalar and vector conversions differ)."""
+    g = torch.Generator().manual_seed(7)
+    features = (torch.randn(2, 3, 40, 50, generator=g) * 1e3).to(torch.bfloat16)
+    features[0, 0, :2] = torch.tensor([float("inf"), float("-inf"), float("nan")]).repeat(34)[:50].to(torch.bfloat16)
+    weight = torch.randn(5, 3, generator=g).to(torch.bfloat16)
+    bias = torch.randn(5, generator=g).to(torch.bfloat16)
+    features = in_layout(features, layout)
+    got = torch.ops.icnet.segmentation_head(features, weight, bias, 1)
+    expected = torch.ops.icnet.segmentation_head(features.float(), weight.float(), bias.float(), 1).to(torch.bfloat16)
+    nan = got.isnan()
+    assert nan.any() and got.isinf().any() and torch.equal(nan, expected.isnan())
+    assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])

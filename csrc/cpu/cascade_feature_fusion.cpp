@@ -33,6 +33,7 @@
 #include "common/cff_args.h"
 #include "cpu/cff_border.h"
 #include "common/resize.h"
+#include "cpu/narrow.h"
 #include "cpu/winograd_conv3x3.h"
 
 namespace icnet {
@@ -318,10 +319,9 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
         const int64_t n = task / s.H, y = task % s.H;
         for (int64_t co = 0; co < s.Co; ++co) {
           pre_activation_row(n * s.Co + co, y, blended.data(), row.data());
-          for (int64_t x = 0; x < s.W; ++x) pixels[x * s.Co + co] = row[x];
+          for (int64_t x = 0; x < s.W; ++x) pixels[x * s.Co + co] = std::max(row[x], T(0));
         }
-        scalar_t* dst = y_out + n * on + y * oy;
-        for (int64_t i = 0; i < s.W * s.Co; ++i) dst[i] = static_cast<scalar_t>(std::max(pixels[i], T(0)));
+        store_row(pixels.data(), y_out + n * on + y * oy, s.W * s.Co);
       }
     });
     return out;
@@ -333,7 +333,12 @@ at::Tensor cff_shortcut_cpu(const at::Tensor& low, const at::Tensor& high, const
       for (int64_t y = 0; y < s.H; ++y) {
         pre_activation_row(task, y, blended.data(), row.data());
         scalar_t* dst = y_out + n * on + co * oc + y * oy;
-        for (int64_t x = 0; x < s.W; ++x) dst[x * ox] = static_cast<scalar_t>(std::max(row[x], T(0)));
+        for (int64_t x = 0; x < s.W; ++x) row[x] = std::max(row[x], T(0));
+        if (ox == 1) {
+          store_row(row.data(), dst, s.W);
+        } else {
+          for (int64_t x = 0; x < s.W; ++x) dst[x * ox] = static_cast<scalar_t>(row[x]);
+        }
       }
     }
   });

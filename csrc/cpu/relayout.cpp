@@ -8,6 +8,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu/relayout.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -47,7 +49,8 @@ void transpose_images(const at::Tensor& x, at::Tensor& out, bool to_channels_las
   }
 }
 
-// A copy of x, which is contiguous in one of NCHW and channels_last, in the other.
+}  // namespace
+
 at::Tensor relayout_cpu(const at::Tensor& x, bool channels_last) {
   TORCH_CHECK_VALUE(x.dim() == 4, "_relayout: x must be a 4-D tensor [N, C, H, W], got ", x.dim(), " dimensions");
   const at::MemoryFormat target = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -65,8 +68,6 @@ at::Tensor relayout_cpu(const at::Tensor& x, bool channels_last) {
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(icnet, CPU, m) { m.impl("_relayout", &relayout_cpu); }
 

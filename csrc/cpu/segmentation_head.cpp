@@ -16,11 +16,13 @@
 #include <ATen/ops/addmm.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common/layout.h"
 #include "common/segmentation_head_args.h"
+#include "cpu/narrow.h"
 
 namespace icnet {
 namespace {
@@ -113,16 +115,27 @@ void widen_row(const acc_t* src, acc_t* dst, int64_t w, int64_t zoom, int64_t gr
 }
 
 // out[x] = lerp(top[x], bottom[x], s) for x < count; s == 0 reads top alone.
-template <typename scalar_t, typename acc_t>
-void blend_rows(const acc_t* top, const acc_t* bottom, acc_t s, scalar_t* out, int64_t count) {
+template <typename acc_t>
+void blend_rows(const acc_t* top, const acc_t* bottom, acc_t s, acc_t* out, int64_t count) {
   if (s == 0) {
-#pragma omp simd
-    for (int64_t x = 0; x < count; ++x) out[x] = static_cast<scalar_t>(top[x]);
+    std::copy(top, top + count, out);
     return;
   }
   const acc_t r = 1 - s;
 #pragma omp simd
-  for (int64_t x = 0; x < count; ++x) out[x] = static_cast<scalar_t>(r * top[x] + s * bottom[x]);
+  for (int64_t x = 0; x < count; ++x) out[x] = r * top[x] + s * bottom[x];
+}
+
+// The same into the output's dtype: blended in acc_t (into scratch, count long, where the dtypes differ),
+// then stored.
+template <typename scalar_t, typename acc_t>
+void blend_rows_into(const acc_t* top, const acc_t* bottom, acc_t s, scalar_t* out, int64_t count, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    blend_rows(top, bottom, s, out, count);
+  } else {
+    blend_rows(top, bottom, s, scratch, count);
+    store_row(scratch, out, count);
+  }
 }
 
 // The output rows input row i zooms into: zoom of them, one for the last row.
@@ -134,14 +147,16 @@ void zoom_planes(const acc_t* low, scalar_t* out, int64_t planes, int64_t h, int
   const int64_t H = (h - 1) * zoom + 1, W = (w - 1) * zoom + 1;
   const std::vector<acc_t> t = zoom_fractions<acc_t>(zoom);
   at::parallel_for(0, planes * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(W), bottom(W);
+    std::vector<acc_t> top(W), bottom(W), scratch(W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / h, i = task % h;
       const acc_t* row = low + (plane * h + i) * w;
       widen_row(row, top.data(), w, zoom, 1, t);
       if (i + 1 < h) widen_row(row + w, bottom.data(), w, zoom, 1, t);
       scalar_t* dst = out + (plane * H + i * zoom) * W;
-      for (int64_t b = 0; b < rows_of(i, h, zoom); ++b) blend_rows(top.data(), bottom.data(), t[b], dst + b * W, W);
+      for (int64_t b = 0; b < rows_of(i, h, zoom); ++b) {
+        blend_rows_into(top.data(), bottom.data(), t[b], dst + b * W, W, scratch.data());
+      }
     }
   });
 }
@@ -153,7 +168,7 @@ void zoom_rows_channels_last(const acc_t* low, scalar_t* out, int64_t n, int64_t
   const int64_t H = (h - 1) * zoom + 1, W = (w - 1) * zoom + 1;
   const std::vector<acc_t> t = zoom_fractions<acc_t>(zoom);
   at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(W * c), bottom(W * c);
+    std::vector<acc_t> top(W * c), bottom(W * c), scratch(W * c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / h, i = task % h;
       const acc_t* row = low + (image * h + i) * w * c;
@@ -161,7 +176,7 @@ void zoom_rows_channels_last(const acc_t* low, scalar_t* out, int64_t n, int64_t
       if (i + 1 < h) widen_row(row + w * c, bottom.data(), w, zoom, c, t);
       scalar_t* dst = out + (image * H + i * zoom) * W * c;
       for (int64_t b = 0; b < rows_of(i, h, zoom); ++b) {
-        blend_rows(top.data(), bottom.data(), t[b], dst + b * W * c, W * c);
+        blend_rows_into(top.data(), bottom.data(), t[b], dst + b * W * c, W * c, scratch.data());
       }
     }
   });

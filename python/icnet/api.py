@@ -137,8 +137,9 @@ def uses_plan(device: torch.device, num_classes: int) -> bool:
 
 
 def model_labels(model: ICNet, x: torch.Tensor) -> torch.Tensor:
-    """The model's class map of a preprocessed batch: [N, H, W] argmax of its logits."""
-    return model(x).argmax(1)
+    """The model's class map of a preprocessed batch: [N, H, W] argmax of its logits (ICNet.predict_labels:
+    on the CPU the fused head writes the class map without storing the logits)."""
+    return model.predict_labels(x)
 
 
 def load(checkpoint, device=None, mode: str | None = None, dtype: torch.dtype | None = None,

@@ -10,7 +10,7 @@ from torch import nn
 
 import icnet_kernels
 from icnet_kernels.cff_geometry import memory_format_of
-from icnet_kernels.ops.segmentation_head import MAX_ZOOM
+from icnet_kernels.ops.segmentation_head import MAX_LABEL_CLASSES, MAX_ZOOM
 from icnet_kernels.layout import to_memory_format
 from icnet_kernels.memory import reused_cpu_memory
 from icnet.layers import Bottleneck, ConvBN, ReferenceCascadeFeatureFusion, caffe_resize, shrink2
@@ -68,12 +68,17 @@ class PyramidPooling(nn.Module):
         self.backend = None if fused else "reference"
 
     def forward(self, x):
-        height, width = x.shape[-2:]
-        if (height, width) == RELEASED_PPM_MAP:
-            return icnet_kernels.pyramid_pool_sum(x, PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES,
-                                                  align_corners=True, backend=self.backend)
-        bins = tuple(min(b, height, width) for b in PPM_BINS)
-        return icnet_kernels.pyramid_pool_sum(x, bins, align_corners=True, backend=self.backend)
+        bins, kernel_sizes, strides = pyramid_pooling_geometry(*x.shape[-2:])
+        return icnet_kernels.pyramid_pool_sum(x, bins, kernel_sizes, strides, align_corners=True, backend=self.backend)
+
+
+def pyramid_pooling_geometry(height: int, width: int) -> tuple:
+    """(bins, kernel_sizes, strides) of the pyramid pooling on a height x width map: the released windows on
+    the 33x65 map, adaptive pooling elsewhere (kernel_sizes and strides None), each bin at most the map's
+    shorter side."""
+    if (height, width) == RELEASED_PPM_MAP:
+        return PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
+    return tuple(min(b, height, width) for b in PPM_BINS), None, None
 
 
 class ICNet(nn.Module):
@@ -133,8 +138,19 @@ class ICNet(nn.Module):
     def forward(self, image: torch.Tensor):
         if self._reuses_cpu_memory(image):
             with reused_cpu_memory():
-                return self._forward(image)
-        return self._forward(image)
+                return self._forward(image, labels=False)
+        return self._forward(image, labels=False)
+
+    def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
+        """The class map [N, H, W] of an eval-mode forward: its logits' argmax, uint8 for up to 256 classes
+        (else int64). Where the fused build's CPU head runs, its labels variant writes the class map alone
+        and the logits are never stored."""
+        if self.training:
+            raise ValueError("predict_labels needs eval mode: in training the model returns the cascade outputs")
+        if self._reuses_cpu_memory(image):
+            with reused_cpu_memory():
+                return self._forward(image, labels=True)
+        return self._forward(image, labels=True)
 
     def _reuses_cpu_memory(self, image: torch.Tensor) -> bool:
         """Whether this call runs in a CPU memory reuse scope (icnet_kernels.memory): the fused build's CPU
@@ -142,21 +158,21 @@ class ICNet(nn.Module):
         return (self.fused and not self.training and image.device.type == "cpu" and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling())
 
-    def _forward(self, image: torch.Tensor):
+    def _forward(self, image: torch.Tensor, labels: bool):
         stem, layout = self._stem_layout(image), self._body_layout(image)
         x = self.conv2(self.pool1(self.conv1(to_memory_format(self._shrink2(image), stem))))
         conv3_1 = to_memory_format(self.conv3_1(x), layout)
         x = self.conv3_rest(self._shrink2(conv3_1))
         x = self.conv5_4(self.ppm(self.conv5(self.conv4(x))))
         if self.mode == "sub4" and not self.training:
-            return self._logits(self.cls_sub4, x, _zoom2(x), image)
+            return self._logits(self.cls_sub4, x, _zoom2(x), image, labels)
         sub24, up_sub4 = self._fuse(self.cff_sub24, x, conv3_1)
         if self.mode == "sub24" and not self.training:
-            return self._logits(self.cls_sub24, sub24, self._eighth(image), image)
+            return self._logits(self.cls_sub24, sub24, self._eighth(image), image, labels)
         sub1 = to_memory_format(self.sub1(to_memory_format(image, stem)), layout)
         sub12, up_sub24 = self._fuse(self.cff_sub12, sub24, sub1)
         if not self.training:
-            return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image)
+            return self._logits(self.cls_sub124, sub12, _zoom2(sub12), image, labels)
         return self.cls_sub4(up_sub4), self.cls_sub24(up_sub24), self.cls_sub124(caffe_resize(sub12, zoom=2))
 
     def _shrink2(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +212,8 @@ class ICNet(nn.Module):
             return cff(low, high, return_upsampled=True)
         return cff(low, high), None
 
-    def _logits(self, classifier, features, size, image):
-        """classifier(resize(features, size)) resized to the image.
+    def _logits(self, classifier, features, size, image, labels: bool):
+        """classifier(resize(features, size)) resized to the image (with labels, its argmax).
 
         The fused build classifies first when size is the exact 2x zoom: a 1x1 conv commutes with bilinear
         resizing (its weights sum to one), and the exact zoom followed by a resize to the image equals one
@@ -211,12 +227,18 @@ class ICNet(nn.Module):
         # the sizes are read only where the head can run: in a trace with symbolic sizes they would specialise
         if (self.fused and image.device.type == "cpu" and classifier.bias is not None and not torch.is_grad_enabled()
                 and (zoom := exact_head_zoom(features.shape[-2:], size, image.shape[-2:])) is not None):
-            return icnet_kernels.segmentation_head(to_memory_format(features, layout), classifier.weight,
-                                                   classifier.bias, zoom)
+            head = icnet_kernels.segmentation_head_labels if labels else icnet_kernels.segmentation_head
+            if not labels or self.num_classes <= MAX_LABEL_CLASSES:
+                return head(to_memory_format(features, layout), classifier.weight, classifier.bias, zoom)
         if self.fused and tuple(size) == _zoom2(features):
-            return caffe_resize(classifier(features).contiguous(memory_format=layout), size=image.shape[-2:])
-        logits = classifier(caffe_resize(features, size=size)).contiguous(memory_format=layout)
-        return caffe_resize(logits, size=image.shape[-2:])
+            logits = caffe_resize(classifier(features).contiguous(memory_format=layout), size=image.shape[-2:])
+        else:
+            logits = classifier(caffe_resize(features, size=size)).contiguous(memory_format=layout)
+            logits = caffe_resize(logits, size=image.shape[-2:])
+        if not labels:
+            return logits
+        label_map = logits.argmax(1)
+        return label_map.to(torch.uint8) if self.num_classes <= MAX_LABEL_CLASSES else label_map
 
     @staticmethod
     def _eighth(image):

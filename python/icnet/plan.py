@@ -43,8 +43,7 @@ import icnet_kernels
 from icnet.graphs import CudaGraphRunner
 from icnet.layers import Bottleneck, ConvBN, caffe_resize, epilogue_fallbacks, fused_epilogue, odd_sides, shrink2
 from icnet import plan_tuning
-from icnet.model import (ICNet, PPM_BINS, PyramidPooling, RELEASED_PPM_KERNELS, RELEASED_PPM_MAP,
-                         RELEASED_PPM_STRIDES, _zoom2, exact_head_zoom)
+from icnet.model import ICNet, PyramidPooling, _zoom2, exact_head_zoom, pyramid_pooling_geometry
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.nn import folded_batch_norm
@@ -151,14 +150,6 @@ class PlanCascadeFeatureFusion(nn.Module):
     def forward(self, low, high):
         return cascade_feature_fusion_folded(low, high, self.weight_low, self.weight_high, self.bias, self.dilation,
                                              True, self.backend)
-
-
-def pyramid_pooling_geometry(height: int, width: int) -> tuple:
-    """(bins, kernel_sizes, strides) of icnet.model.PyramidPooling on a height x width map: the released
-    windows on the 33x65 map, adaptive pooling elsewhere, each bin at most the map's shorter side."""
-    if (height, width) == RELEASED_PPM_MAP:
-        return PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_STRIDES
-    return tuple(min(b, height, width) for b in PPM_BINS), None, None
 
 
 class PlanPyramidConv(nn.Module):
