@@ -1,8 +1,10 @@
-"""The inference plan (icnet.plan) as end-to-end benchmark runners: "plan" returns logits, "plan-labels" the
-uint8 labels, "plan-triton" logits with pyramid pooling and the fusion units on their Triton kernels instead
-of the native CUDA ones, "plan-tuned" logits with each of those layers on the implementation measured
-fastest at build (its row keeps the choice and the times, plan_choices and plan_timings_ms). On a GPU each call replays the plan's CUDA graph; building it (folding, layouts,
-Triton compilation, capture) counts as the runner's compile_s."""
+"""The inference plan (icnet.plan) as end-to-end benchmark runners: "plan" returns logits (on a GPU with the
+pyramid pooling folded into conv5_4, the plan's default there), "plan-labels" the uint8 labels,
+"plan-triton" logits with pyramid pooling and the fusion units on their Triton kernels instead of the
+native CUDA ones, "plan-tuned" logits with each of those layers on the implementation measured fastest at
+build (its row keeps the choice and the times, plan_choices and plan_timings_ms). On a GPU each call
+replays the plan's CUDA graph; building it (folding, layouts, Triton compilation, capture) counts as the
+runner's compile_s."""
 
 import torch
 
