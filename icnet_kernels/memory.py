@@ -1,8 +1,7 @@
 """Reuse of CPU memory across inference calls.
 
 torch's CPU allocator hands every freed block back to the system, so each inference call takes fresh pages
-for its activations and the kernel zeroes them on first touch: for ICNet at 1025x2049 several hundred
-megabytes a call. Inside `reused_cpu_memory()` blocks of at least 1 MiB come from a cache kept by the
+for its activations and the kernel zeroes them on first touch. Inside `reused_cpu_memory()` blocks of at least 1 MiB come from a cache kept by the
 extension (installed as torch's CPU allocator the first time a scope opens; everything outside scopes
 still goes to the allocator before it) and return to that cache when their tensors are freed, whenever
 that is. A tensor made inside a scope is an ordinary tensor: it keeps its memory as long as it lives.
