@@ -6,8 +6,8 @@
 // (both are linear and the interpolation weights sum to one), so the GEMM runs on a 1/z^2 share of the
 // pixels and the zoom interpolates num_classes channels instead of K. A task owns one input row i of one
 // image (and, for logits in NCHW, one class): it widens rows i and i+1 into cache-resident buffers and
-// writes the z output rows as lerps of the two. The right (lower) sample is not read where its weight is 0,
-// so a non-finite logit reaches exactly the outputs that interpolate it.
+// writes the z output rows as lerps of the two. Where the right (lower) sample's weight is 0 the output is
+// the left (upper) sample itself, so a non-finite logit reaches exactly the outputs that interpolate it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "common/layout.h"
