@@ -398,6 +398,15 @@ def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
     assert (tmp_path / "run").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("earlier", ["log.csv", "last.pt", "best.pt"])
+def test_train_refuses_an_out_holding_an_earlier_run_without_resume(tmp_path, capsys, earlier):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / earlier).write_text("the earlier run's")
+    fails(capsys, ["train", "--out", str(tmp_path / "run"), "--width", "0.125", *SMALL_DATA], earlier, "--resume")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [earlier]
+    assert (tmp_path / "run" / earlier).read_text() == "the earlier run's"
+
+
 def test_a_bad_training_image_read_in_a_loader_process_is_one_line(tmp_path, capsys):
     for split in ("train", "val"):
         for i in range(2):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -36,10 +37,12 @@ def test_cli_train_resume_and_evaluate(tmp_path, capsys):
     common = ["--synthetic-size", "64x128", "--synthetic-train", "8", "--synthetic-val", "2", "--batch-size", "4",
               "--crop", "49x97", "--workers", "0", "--no-progress"]
     assert icnet_main(["train", "--out", str(tmp_path), "--epochs", "1", "--width", "0.25", *common]) == 0
-    assert icnet_main(["train", "--out", str(tmp_path), "--epochs", "2", "--width", "0.25",
-                       "--resume", str(tmp_path / "last.pt"), *common]) == 0
-    log = (tmp_path / "log.csv").read_text().splitlines()
-    assert [line.split(",")[:2] for line in log[1:]] == [["1", "2"], ["2", "4"]]  # resumed at epoch 2, step 3
+    shutil.copy(tmp_path / "last.pt", tmp_path / "epoch1.pt")
+    for _ in range(2):  # the second resume starts again from epoch 1's checkpoint, after epoch 2 was logged
+        assert icnet_main(["train", "--out", str(tmp_path), "--epochs", "2", "--width", "0.25",
+                           "--resume", str(tmp_path / "epoch1.pt"), *common]) == 0
+        log = (tmp_path / "log.csv").read_text().splitlines()
+        assert [line.split(",")[:2] for line in log[1:]] == [["1", "2"], ["2", "4"]]  # resumed at epoch 2, step 3
     capsys.readouterr()
     assert icnet_main(["evaluate", "--weights", str(tmp_path / "last.pt"), "--synthetic-size", "64x128",
                        "--synthetic-val", "2", "--flip", "--json", str(tmp_path / "scores.json")]) == 0

@@ -263,7 +263,9 @@ Every image is read before any output is written: an unreadable one stops the ru
   torchrun --nproc-per-node 2 -m icnet.cli train --out runs/two --batch-size 16
 
 The defaults train for 30 epochs over 400 synthetic scenes. Each epoch prints its loss and validation
-mIoU (in percent) on stdout; OUT/log.csv holds the same scores as fractions.""",
+mIoU (in percent) on stdout; OUT/log.csv holds the same scores as fractions. An OUT that holds an
+earlier run (log.csv, last.pt, best.pt) is refused unless --resume continues it; the resumed log keeps
+the epochs up to the checkpoint's and adds the new ones.""",
     "evaluate": """examples:
   icnet evaluate --weights runs/synthetic/best.pt
   icnet evaluate --weights runs/synthetic/best.pt --scales 1.0 1.5 2.0 --flip --json scores.json
@@ -318,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--width", type=_positive_float, default=0.5,
                      help="channel multiplier of PSPNet50 (0.5: released)")
     fit.add_argument("--init", help="start from this checkpoint's weights")
-    fit.add_argument("--resume", help="continue the run saved in this checkpoint (e.g. OUT/last.pt)")
+    fit.add_argument("--resume", help="continue the run saved in this checkpoint (e.g. OUT/last.pt); without "
+                                      "it an OUT holding an earlier run is refused")
     fit.set_defaults(run=_train)
 
     score = commands.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy over a dataset",

@@ -30,6 +30,7 @@ from icnet.segment import best_device, parse_device
 RESUME_KEYS = {"epoch", "iteration", "optimizer", "scheduler", "scaler", "best_miou"}
 LOG_FIELDS = ("epoch", "iteration", "lr", "train_loss", "loss_sub4", "loss_sub24", "loss_sub124", "val_miou",
               "val_pixel_accuracy", "seconds")
+RUN_FILES = ("log.csv", "last.pt", "best.pt")  # what a run writes into its out folder
 
 
 @dataclass
@@ -129,8 +130,7 @@ def _build_model(config: TrainConfig, num_classes: int):
 def train(config: TrainConfig) -> list[dict]:
     """Runs the configured training; returns the per-epoch log rows (also written to out/log.csv)."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out {out} is a file, not a folder")
+    _check_out(out, config.resume)
     world = init_from_environment(parse_device(config.device) if config.device else best_device())
     device = _device(config, world)
     if device.type == "cuda":
@@ -174,6 +174,7 @@ def train(config: TrainConfig) -> list[dict]:
         start_epoch, iteration, best = state["epoch"] + 1, state["iteration"], state["best_miou"]
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        _keep_log_until(out / "log.csv", start_epoch)
     rows = []
     for epoch in range(start_epoch, config.epochs):
         samples.set_epoch(epoch)
@@ -242,6 +243,30 @@ def _validate(model, val_set, device, world: World, progress: bool):
     matrix.all_reduce()
     model.train()
     return matrix
+
+
+def _check_out(out: Path, resume: str | None) -> None:
+    """A fresh run refuses a folder holding an earlier run's files: its epochs would mix with the earlier
+    ones in one log.csv and its checkpoints replace the earlier run's."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and resume is None:
+        raise ValueError(f"out {out} holds an earlier training run ({', '.join(earlier)}): continue it with "
+                         f"--resume {out / 'last.pt'}, or choose another folder")
+
+
+def _keep_log_until(path: Path, epoch: int) -> None:
+    """A resumed run's log keeps the rows of the epochs its checkpoint had trained (1 to epoch), so epochs
+    logged after that checkpoint are not listed twice."""
+    if not path.exists():
+        return
+    with path.open(newline="") as file:
+        rows = [row for row in csv.DictReader(file) if int(row["epoch"]) <= epoch]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _append_log(path: Path, row: dict) -> None:
