@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from benchmarks.case import BATCHES, Case, Provider, ProviderBuilder, case_grid, device_dtypes, standard_providers
 from icnet_kernels import cascade_feature_fusion, cascade_feature_fusion_reference
 from icnet_kernels.cff_geometry import exact_shortcut, tap_first
 
@@ -79,10 +79,9 @@ def _case(stage: str, align_corners: bool, batch: int, dtype: torch.dtype) -> Ca
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     # Batch 16 on a few CPU cores costs seconds a call in eager and the float64 reference: minutes per case.
-    batches = (1,) if quick or device.type == "cpu" else (1, 16)
-    dtypes = (torch.float32,) if device.type == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    grid = case_grid(quick, (1,) if device.type == "cpu" else BATCHES, device_dtypes(device))
     return [_case(stage, align_corners, batch, dtype)
-            for dtype in dtypes for batch in batches for stage in STAGES for align_corners in ALIGN_CORNERS]
+            for dtype, batch in grid for stage in STAGES for align_corners in ALIGN_CORNERS]
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -35,6 +35,31 @@ class Case:
                 "dense_flops": self.dense_flops, "min_bytes": self.min_bytes} | self.details
 
 
+BATCHES = (1, 16)  # one frame (latency) and a batch of frames (throughput)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def device_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes an op is timed in unless its module says otherwise: float32 on CPUs; float32, float16 and
+    bfloat16 on GPUs."""
+    return (torch.float32,) if device.type == "cpu" else GPU_DTYPES
+
+
+def case_grid(quick: bool, batches: tuple[int, ...] = BATCHES, dtypes: tuple[torch.dtype, ...] = GPU_DTYPES,
+              quick_dtypes: tuple[torch.dtype, ...] | None = None) -> list[tuple[torch.dtype, int]]:
+    """The (dtype, batch) pairs an op's case list spans, dtype-major. quick keeps the first batch and
+    quick_dtypes (None: every dtype)."""
+    if quick:
+        batches, dtypes = batches[:1], dtypes if quick_dtypes is None else quick_dtypes
+    return [(dtype, batch) for dtype in dtypes for batch in batches]
+
+
+def gpu_case_grid(quick: bool) -> list[tuple[torch.dtype, int]]:
+    """The grid of a GPU-only op: batches 1 and 16 in float32, float16 and bfloat16; quick, batch 1 in
+    float16."""
+    return case_grid(quick, quick_dtypes=(torch.float16,))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """How rows and the results file name a dtype: "float32", "bfloat16"."""
     return str(dtype).removeprefix("torch.")

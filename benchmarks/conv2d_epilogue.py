@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from benchmarks.case import Case, Provider, ProviderBuilder, gpu_case_grid, standard_providers
 from icnet_kernels import conv2d_epilogue, conv2d_epilogue_reference
 
 NAME = "conv2d_epilogue"
@@ -31,9 +31,7 @@ def _case(variant: str, batch: int, dtype: torch.dtype) -> Case:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cuda":
         return []
-    batches = (1,) if quick else (1, 16)
-    dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return [_case(variant, batch, dtype) for dtype in dtypes for batch in batches for variant in LAYERS]
+    return [_case(variant, batch, dtype) for dtype, batch in gpu_case_grid(quick) for variant in LAYERS]
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple:

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from benchmarks.case import Case, Provider, ProviderBuilder, gpu_case_grid, standard_providers
 from icnet_kernels import max_pool, max_pool_reference
 
 NAME = "max_pool"
@@ -27,9 +27,7 @@ def _case(variant: str, batch: int, dtype: torch.dtype) -> Case:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cuda":
         return []
-    batches = (1,) if quick else (1, 16)
-    dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return [_case(variant, batch, dtype) for dtype in dtypes for batch in batches
+    return [_case(variant, batch, dtype) for dtype, batch in gpu_case_grid(quick)
             for variant in ("channels_last", "nchw")]
 
 

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from benchmarks.case import Case, Provider, ProviderBuilder, case_grid, device_dtypes, standard_providers
 from icnet.model import PPM_BINS, RELEASED_PPM_KERNELS, RELEASED_PPM_MAP, RELEASED_PPM_STRIDES
 from icnet_kernels import pyramid_pool_sum, pyramid_pool_sum_reference
 from icnet_kernels.reference import pyramid_bin_matrices
@@ -57,14 +57,13 @@ def _case(variant: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_sizes
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    batches = (1,) if quick else (1, 16)
-    dtypes = (torch.float32,) if device.type == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    grid = case_grid(quick, dtypes=device_dtypes(device))
     geometries = {"adaptive": (None, None), "icnet-explicit": (ICNET_KERNEL_SIZES, ICNET_STRIDES)}
     found = [_case(variant, (batch, CHANNELS, *ICNET_MAP), dtype, kernel_sizes, strides)
-             for dtype in dtypes for batch in batches
-             for variant, (kernel_sizes, strides) in geometries.items()]
+             for dtype, batch in grid for variant, (kernel_sizes, strides) in geometries.items()]
     if device.type == "cuda":
-        found.append(_case("adaptive", (batches[-1], CHANNELS, *BANDWIDTH_MAP), torch.float16, None, None))
+        largest = max(batch for _, batch in grid)
+        found.append(_case("adaptive", (largest, CHANNELS, *BANDWIDTH_MAP), torch.float16, None, None))
     return found
 
 

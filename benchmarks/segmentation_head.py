@@ -7,7 +7,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import Case, Provider, ProviderBuilder, standard_providers
+from benchmarks.case import Case, Provider, ProviderBuilder, case_grid, gpu_case_grid, standard_providers
 from icnet_kernels import segmentation_head, segmentation_head_labels, segmentation_head_reference
 
 NAME = "segmentation_head"
@@ -37,13 +37,9 @@ def _case(variant: str, batch: int, dtype: torch.dtype) -> Case:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type == "cuda":
-        batches = (1,) if quick else (1, 16)
-        dtypes = (torch.float16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    else:
-        batches = (1,) if quick else (1, 4)
-        dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    return [_case(variant, batch, dtype) for dtype in dtypes for batch in batches
+    grid = gpu_case_grid(quick) if device.type == "cuda" else \
+        case_grid(quick, (1, 4), (torch.float32, torch.bfloat16), quick_dtypes=(torch.float32,))
+    return [_case(variant, batch, dtype) for dtype, batch in grid
             for variant in ("logits-channels_last", "logits-nchw", "labels-channels_last")]
 
 
