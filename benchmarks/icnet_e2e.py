@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -136,30 +137,30 @@ class Runner:
     compiles: bool = False
 
 
+def _goal_on_gpu(config: Config, device: torch.device) -> bool:
+    return _on_gpu(config, device) and _goal(config)
+
+
+# prepare: the build itself
+_reference, _fused = itemgetter("reference"), itemgetter("fused")
+
 RUNNERS: dict[str, Runner] = {
-    "reference-eager": Runner(lambda models: models["reference"]),
-    "fused-eager": Runner(lambda models: models["fused"]),
-    "fused-cuda-graph": Runner(lambda models: models["fused"], CudaGraphRunner, _on_gpu),
+    "reference-eager": Runner(_reference),
+    "fused-eager": Runner(_fused),
+    "fused-cuda-graph": Runner(_fused, CudaGraphRunner, _on_gpu),
     "fused-triton-cuda-graph": Runner(lambda models: with_backend(models["fused"], "triton"), CudaGraphRunner,
                                       _on_gpu),
     # the static inference plan (benchmarks.e2e_plan): logits, labels without logits, Triton kernels, tuned
-    "plan": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=False), _on_gpu),
-    "plan-labels": Runner(lambda models: models["reference"], e2e_plan.plan_runner(labels=True), _on_gpu),
-    "plan-triton": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, "triton"),
-                          lambda config, device: _on_gpu(config, device) and _goal(config)),
-    "plan-tuned": Runner(lambda models: models["reference"], e2e_plan.plan_runner(False, tune=True),
-                         lambda config, device: _on_gpu(config, device) and _goal(config)),
-    "reference-compile": Runner(lambda models: models["reference"], _compiled(None),
-                                lambda config, device: _on_gpu(config, device) and _goal(config), compiles=True),
-    "fused-compile-max-autotune": Runner(lambda models: models["fused"], _compiled("max-autotune"),
-                                         lambda config, device: _on_gpu(config, device) and _goal(config),
-                                         compiles=True),
-    "reference-compile-max-autotune": Runner(lambda models: models["reference"], _compiled("max-autotune"),
-                                             lambda config, device: _on_gpu(config, device) and _goal(config),
-                                             compiles=True),
+    "plan": Runner(_reference, e2e_plan.plan_runner(labels=False), _on_gpu),
+    "plan-labels": Runner(_reference, e2e_plan.plan_runner(labels=True), _on_gpu),
+    "plan-triton": Runner(_reference, e2e_plan.plan_runner(False, "triton"), _goal_on_gpu),
+    "plan-tuned": Runner(_reference, e2e_plan.plan_runner(False, tune=True), _goal_on_gpu),
+    "reference-compile": Runner(_reference, _compiled(None), _goal_on_gpu, compiles=True),
+    "fused-compile-max-autotune": Runner(_fused, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
+    "reference-compile-max-autotune": Runner(_reference, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
     # the CPU peers, running the reference build's ONNX export (benchmarks.e2e_onnx); skipped when not installed
-    "onnxruntime": Runner(lambda models: models["reference"], e2e_onnx.onnxruntime_runner, e2e_onnx.runs_onnxruntime),
-    "openvino": Runner(lambda models: models["reference"], e2e_onnx.openvino_runner, e2e_onnx.runs_openvino),
+    "onnxruntime": Runner(_reference, e2e_onnx.onnxruntime_runner, e2e_onnx.runs_onnxruntime),
+    "openvino": Runner(_reference, e2e_onnx.openvino_runner, e2e_onnx.runs_openvino),
 }
 
 
