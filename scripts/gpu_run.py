@@ -287,8 +287,11 @@ class Driver:
                           else f"installing the carried wheels failed: {code.stderr.strip()[-300:]}")
         self.env["PYTHONPATH"] = os.pathsep.join([str(target), self.env["PYTHONPATH"]])
 
-    def _python(self, stage: Stage, args: list[str], env: dict | None = None, log_name: str | None = None) -> None:
-        stage.command = [sys.executable, *args]
+    def _python(self, stage: Stage, args: list[str], env: dict | None = None, log_name: str | None = None,
+                launcher: tuple[str, ...] = ()) -> None:
+        """Runs this Python with args as the stage's command (under launcher, a wrapping tool's command line,
+        where given), logged to logs/<log_name or the stage's name>.log."""
+        stage.command = [*launcher, sys.executable, *args]
         log = self.logs / f"{log_name or stage.name}.log"
         stage.status, stage.returncode, stage.seconds = run_command(stage.command, log, stage.limit_s,
                                                                     env or self.env)
@@ -387,12 +390,8 @@ class Driver:
         kernel_filter = _sanitizer_kernel_filter(sanitizer)
         if kernel_filter is None:
             self.notes.append("compute-sanitizer offers no kernel filter: every kernel was instrumented")
-        stage.command = [sanitizer, "--tool", "memcheck", *(kernel_filter or []), "--error-exitcode", "99",
-                         sys.executable, *cases, "--device", "cuda"]
-        env = dict(self.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-        stage.status, stage.returncode, seconds = run_command(stage.command, self.logs / "memcheck.log",
-                                                              stage.limit_s, env)
-        stage.seconds = round(seconds, 1)
+        self._python(stage, [*cases, "--device", "cuda"], dict(self.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
+                     launcher=(sanitizer, "--tool", "memcheck", *(kernel_filter or []), "--error-exitcode", "99"))
         text = (self.logs / "memcheck.log").read_text(errors="replace")
         stage.results = parse_memcheck(text)
         if "Device not supported" in text:  # seen under gVisor, where the sanitizer cannot attach

@@ -49,12 +49,18 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return view
 
 
-def assert_within_budget(actual, exact, torch_same_precision, atol, what=""):
-    """flash-attention's rule: error <= 2 x the error of the same-precision PyTorch run + atol."""
+def within_budget(actual, exact, torch_same_precision, atol) -> tuple[bool, float, float]:
+    """flash-attention's rule: error <= 2 x the error of the same-precision PyTorch run + atol. Returns
+    whether it holds, the error and the PyTorch run's error (maximum absolute errors against exact)."""
     exact = exact.double()
     err = (actual.double() - exact).abs().max().item()
     err_torch = (torch_same_precision.double() - exact).abs().max().item()
-    assert err <= 2 * err_torch + atol, f"{what}: error {err:.3e} > 2 x torch's {err_torch:.3e} + {atol:.1e}"
+    return err <= 2 * err_torch + atol, err, err_torch
+
+
+def assert_within_budget(actual, exact, torch_same_precision, atol, what=""):
+    ok, err, err_torch = within_budget(actual, exact, torch_same_precision, atol)
+    assert ok, f"{what}: error {err:.3e} > 2 x torch's {err_torch:.3e} + {atol:.1e}"
 
 
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

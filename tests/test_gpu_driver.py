@@ -99,6 +99,27 @@ def _gpu_driver(tmp_path, plan):
     return driver
 
 
+def test_the_memcheck_stage_runs_the_cases_on_the_gpu_under_the_sanitizer_without_the_caching_allocator(tmp_path):
+    """A stand-in compute-sanitizer that offers --kernel-name and logs how it was called."""
+    sanitizer = tmp_path / "compute-sanitizer"
+    sanitizer.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                         "if sys.argv[1:] == ['--help']:\n    print('--kernel-name <filter>')\n"
+                         "else:\n    print(json.dumps([sys.argv[1:], os.environ.get("
+                         "'PYTORCH_NO_CUDA_MEMORY_CACHING')]))\n")
+    sanitizer.chmod(0o755)
+    driver = _gpu_driver(tmp_path, "first")
+    driver.environment["compute_sanitizer"] = str(sanitizer)
+    driver.logs.mkdir(parents=True, exist_ok=True)
+    stage = gpu_run.Stage("memcheck", limit_s=60)
+    driver.stage_memcheck(stage)
+    cases = str(REPO / "scripts" / "memcheck_cases.py")
+    expected = ["--tool", "memcheck", "--kernel-name", "kns=icnet", "--error-exitcode", "99", sys.executable, cases,
+                "--device", "cuda"]
+    assert (stage.status, stage.returncode) == ("ok", 0) and stage.command == [str(sanitizer), *expected]
+    logged = json.loads((driver.logs / "memcheck.log").read_text().splitlines()[-1])
+    assert logged == [expected, "1"]
+
+
 @pytest.mark.parametrize("plan, earlier, batches", [("first", False, [1]), ("batch16", False, [16]),
                                                      ("batch16", True, [1, 16])])
 def test_the_gpu_run_measures_the_goal_configuration_with_the_runners_in_order(tmp_path, plan, earlier, batches):
