@@ -417,3 +417,14 @@ def test_a_bad_training_image_read_in_a_loader_process_is_one_line(tmp_path, cap
     argv = ["train", "--out", str(tmp_path / "run"), "--dataset", "folder", "--root", str(tmp_path / "data"),
             "--width", "0.125", *SMALL_DATA, "--workers", "1"]
     fails(capsys, argv, "1.png")
+
+
+@pytest.mark.parametrize("earlier", ["keep0.75/log.csv", "keep0.5/last.pt", "pruning.json"])
+def test_prune_refuses_an_out_holding_an_earlier_pruning_run(tmp_path, capsys, earlier):
+    save_checkpoint(tmp_path / "trained.pt", ICNet(num_classes=19, width=0.125))
+    (tmp_path / "pruned" / earlier).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "pruned" / earlier).write_text("the earlier run's")
+    fails(capsys, ["prune", "--weights", str(tmp_path / "trained.pt"), "--out", str(tmp_path / "pruned"),
+                   "--keep", "0.75", "0.5", "--epochs", "1", *SMALL_DATA], earlier, "another folder")
+    assert (tmp_path / "pruned" / earlier).read_text() == "the earlier run's"
+    assert not (tmp_path / "pruned" / "keep0.75" / "pruned.pt").exists()

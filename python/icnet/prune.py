@@ -20,7 +20,7 @@ from icnet.evaluate import evaluate
 from icnet.layers import ConvBN
 from icnet.model import ICNet
 from icnet.segment import best_device, parse_device
-from icnet.train import train
+from icnet.train import RUN_FILES, train
 
 FIXED_GROUPS = ("image", "classes")  # the input's channels and the logits are never pruned
 
@@ -105,6 +105,18 @@ def prune(model: ICNet, channels: dict[str, int]) -> ICNet:
     return pruned.to(next(model.parameters()).device).train(model.training)
 
 
+def _check_out(out: Path, keeps) -> None:
+    """A pruning run refuses a folder holding an earlier one's results: each step fine-tunes afresh into
+    its subfolder, and a step's earlier files would mix with the new ones."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
+    earlier = [str(Path(f"keep{keep:g}") / name) for keep in keeps for name in RUN_FILES
+               if (out / f"keep{keep:g}" / name).exists()]
+    earlier += ["pruning.json"] if (out / "pruning.json").exists() else []
+    if earlier:
+        raise ValueError(f"out {out} holds an earlier pruning run ({', '.join(earlier)}): choose another folder")
+
+
 def conv_parameters(model: nn.Module) -> int:
     """Parameters of the convolution weights (the tensors pruning narrows)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -117,6 +129,7 @@ def progressive_pruning(weights, keeps, finetune) -> list[dict]:
     <out>/pruning.json, with parameter counts and validation mIoU before and after fine-tuning."""
     for keep in keeps:  # all checked before any work
         _check_keep(keep)
+    _check_out(Path(finetune.out), keeps)
     model, payload = load_checkpoint(weights, mode="sub124")
     original, class_names = dict(model.channels), payload["class_names"]
     finetune = replace(finetune, num_classes=model.num_classes)
