@@ -11,21 +11,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import timing
+from icnet.plan_tuning import device_name  # results files name devices as the plan looks them up
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def slug(name: str) -> str:
