@@ -136,10 +136,7 @@ class ICNet(nn.Module):
         self.cls_sub124.channel_groups = ("cff_sub12", "classes")
 
     def forward(self, image: torch.Tensor):
-        if self._reuses_cpu_memory(image):
-            with reused_cpu_memory():
-                return self._forward(image, labels=False)
-        return self._forward(image, labels=False)
+        return self._run(image, labels=False)
 
     def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
         """The class map [N, H, W] of an eval-mode forward: its logits' argmax, uint8 for up to 256 classes
@@ -147,16 +144,16 @@ class ICNet(nn.Module):
         and the logits are never stored."""
         if self.training:
             raise ValueError("predict_labels needs eval mode: in training the model returns the cascade outputs")
-        if self._reuses_cpu_memory(image):
-            with reused_cpu_memory():
-                return self._forward(image, labels=True)
-        return self._forward(image, labels=True)
+        return self._run(image, labels=True)
 
-    def _reuses_cpu_memory(self, image: torch.Tensor) -> bool:
-        """Whether this call runs in a CPU memory reuse scope (icnet_kernels.memory): the fused build's CPU
-        inference, where taking fresh pages for every activation is a large share of a call's time."""
-        return (self.fused and not self.training and image.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+    def _run(self, image: torch.Tensor, labels: bool):
+        """The network, in a CPU memory reuse scope (icnet_kernels.memory) in the fused build's CPU inference,
+        where taking fresh pages for every activation is a large share of a call's time."""
+        if (self.fused and not self.training and image.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            with reused_cpu_memory():
+                return self._forward(image, labels)
+        return self._forward(image, labels)
 
     def _forward(self, image: torch.Tensor, labels: bool):
         stem, layout = self._stem_layout(image), self._body_layout(image)
