@@ -143,20 +143,15 @@ void pyramid_apply_cpu(const at::Tensor& in, at::Tensor& out, const PyramidGeome
 at::Tensor pyramid_apply(const at::Tensor& in, c10::IntArrayRef bins, c10::IntArrayRef kernel_sizes,
                          c10::IntArrayRef strides, bool align_corners, PyramidDirection dir, const char* op) {
   const PyramidGeometry g = make_pyramid_geometry(in, bins, kernel_sizes, strides, align_corners, op);
-  if (memory_format_of(in) == at::MemoryFormat::ChannelsLast && in.numel() > 0) {
-    // a channels_last map's planes lie at the channel stride: the kernel, which works plane by plane, runs
-    // on an NCHW copy, and its output returns to the input's layout
-    const at::Tensor planes = relayout_cpu(in, false);
-    at::Tensor out = at::empty_like(planes);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "pyramid_pool_sum_cpu",
-                                    [&] { pyramid_apply_cpu<scalar_t>(planes, out, g, dir); });
-    return relayout_cpu(out, true);
-  }
-  at::Tensor out = at::empty_like(in);
+  // a channels_last map's planes lie at the channel stride: the kernel, which works plane by plane, runs on
+  // an NCHW copy, and its output returns to the input's layout
+  const bool channels_last = memory_format_of(in) == at::MemoryFormat::ChannelsLast && in.numel() > 0;
+  const at::Tensor planes = channels_last ? relayout_cpu(in, false) : in;
+  at::Tensor out = at::empty_like(planes);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "pyramid_pool_sum_cpu",
-                                  [&] { pyramid_apply_cpu<scalar_t>(in, out, g, dir); });
-  return out;
+                                  [&] { pyramid_apply_cpu<scalar_t>(planes, out, g, dir); });
+  return channels_last ? relayout_cpu(out, true) : out;
 }
 
 }  // namespace
