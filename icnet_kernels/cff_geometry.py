@@ -26,10 +26,3 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 def output_memory_format(high: torch.Tensor) -> torch.memory_format:
     """The kernels' output layout: high's (cff_output_format in csrc/common/cff_args.h)."""
     return memory_format_of(high)
-
-
-def border_count(height: int, width: int) -> int:
-    """How many pixels the shortcut computes directly (cff_border_count in csrc/common/cff_geometry.h)."""
-    rows = 2 if height - 2 != 1 else 1
-    cols = 2 if width - 2 != 1 else 1
-    return rows * width + (height - rows) * cols

@@ -70,25 +70,26 @@ def border_slices(t: torch.Tensor, g: Geometry) -> torch.Tensor:
     return torch.cat([t[:, :, [1, g.H - 2], :].flatten(1), t[:, :, :, [1, g.W - 2]].flatten(1)], dim=1)
 
 
-@pytest.mark.skipif(not icnet_kernels.native_available(), reason="_C not built")
+@pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("align_corners", [True, False], ids=["shortcut", "general"])
-def test_icnet_like_shape_border_rows_and_columns_native(align_corners):
-    """A wrong padding correction changes only these pixels, so they get their own comparison: the float32
-    budget on the slices alone, and float64 to round-off. Positive shifts keep almost every pixel clear of
-    the ReLU, which would otherwise hide an error wherever both results are negative."""
+def test_icnet_like_shape_border_rows_and_columns(backend, device, align_corners):
+    """A wrong padding correction changes only these pixels, so they get their own comparison: the error
+    budget on the slices alone in every dtype the backend takes, and float64 to round-off where it takes
+    float64. Positive shifts keep almost every pixel clear of the ReLU, which would otherwise hide an error
+    wherever both results are negative."""
     g = replace(ICNET_LIKE, align_corners=align_corners)
-    for dtype, seed in ((torch.float32, 11), (torch.float64, 12)):
-        inputs = make_inputs(g, dtype, seed=seed)
+    for seed, dtype in enumerate(dtypes_for(backend, device), start=11):
+        inputs = make_inputs(g, dtype, device, seed=seed)
         inputs["shift_low"] = inputs["shift_low"].abs() + 2
         inputs["shift_high"] = inputs["shift_high"].abs() + 2
-        out = run_fused("native", inputs, g)
+        out = run_fused(backend, inputs, g)
         exact = reference(as_float64(inputs), g)
         assert (border_slices(exact, g) > 0).float().mean() > 0.9
         if dtype == torch.float64:
             torch.testing.assert_close(border_slices(out, g), border_slices(exact, g), rtol=0, atol=1e-12)
         else:
             assert_within_budget(border_slices(out, g), border_slices(exact, g),
-                                 border_slices(reference(inputs, g), g), ATOL[dtype], "border rows/columns")
+                                 border_slices(reference(inputs, g), g), ATOL[dtype], f"border rows/columns {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())

@@ -180,9 +180,15 @@ TRITON_CFF = [
         False),
     cff("general", "no resize (one source per tap), batch 2", 2, 3, 2, 5, 4, 5, 4, 5, 2, True),
     cff("general", "align_corners, dilation past the map", 1, 2, 3, 3, 2, 3, 4, 6, 5, True),
-    cff("shortcut", "three launches, partial tiles, two channel tiles", 1, 17, 3, 17, 4, 5, 7, 9, 2, True),
+    cff("shortcut", "partial tiles, two channel tiles, the border GEMMs over two K blocks", 1, 17, 3, 17, 4, 5, 7, 9,
+        2, True),
     cff("shortcut", "batch 2", 2, 2, 3, 3, 3, 4, 5, 7, 2, True),
     cff("shortcut", "3x3 map: every pixel but the corners is a border pixel", 1, 3, 2, 4, 2, 2, 3, 3, 2, True),
+    cff("shortcut", "H = 3 only: row 1 is row H-2, both row corrections apply", 1, 2, 2, 3, 2, 6, 3, 11, 2, True),
+    cff("shortcut", "W = 3 only: column 1 is column W-2", 1, 2, 2, 3, 5, 2, 9, 3, 2, True),
+    cff("shortcut", "rows longer than a tile, columns shorter: idle border programs", 1, 2, 2, 3, 3, 10, 5, 19, 2,
+        True),
+    cff("shortcut", "columns longer than a tile, rows shorter", 1, 2, 2, 3, 17, 2, 33, 3, 2, True),
 ]
 
 

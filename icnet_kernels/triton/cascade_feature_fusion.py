@@ -6,9 +6,10 @@ with the reduction running over the nine dilated taps of up(low) (each A tile in
 from low's four bilinear sources: the upsampled map is never written) and then over high's channels.
 Tensor cores serve float16/bfloat16 (float32 accumulation); float32 runs at full precision.
 
-For ICNet's exact 2x zoom with dilation 2 (csrc/common/cff_geometry.h) the same kernel runs three times:
-the 3x3 conv at low resolution; the full-resolution pass (projection GEMM plus a bilinear gather of that
-conv, bias and ReLU) for all pixels but the border rows/columns; and the direct conv for those.
+For ICNet's exact 2x zoom with dilation 2 (csrc/common/cff_geometry.h) the op is two GEMMs and one
+epilogue: the same kernel runs the 3x3 conv at low resolution, then the full-resolution pass, the projection
+GEMM whose epilogue adds the bilinear gather of that conv, the border rows' and columns' corrections (small
+GEMMs over low's edges, icnet_kernels.triton.cff_shortcut_border), the bias and the ReLU.
 """
 
 import os
@@ -17,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from icnet_kernels.cff_geometry import border_count, exact_shortcut, output_memory_format
+from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
+from icnet_kernels.triton.cff_shortcut_border import shortcut_border_corrections
+from icnet_kernels.triton.index_math import in_image_index, needs_wide_index, resize_scale, source_index
 from icnet_kernels.triton.weight_layout import laid_out
 
 
@@ -48,60 +51,30 @@ def _tiles_for_dtype(configs, named_args, **kwargs):
     return kept or configs
 
 
-@triton.jit
-def _source_index(dst, in_size, scale, ALIGN: tl.constexpr):
-    """Bilinear source (i0, i1, weight of i1) in PyTorch's arithmetic, as csrc/common/resize.h."""
-    if ALIGN:
-        src = dst.to(tl.float32) * scale
-    else:
-        src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
-    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    i1 = tl.minimum(i0 + 1, in_size - 1)
-    return i0, i1, lam
-
-
-# Tuned per channel counts and pass (the dtype joins the key by itself); sizes and row/batch strides are not
-# specialised on, so a new image size reuses the compiled kernels.
-@triton.jit
-def _border_pixel(p, H, W):
-    """(y, x) of the p-th border pixel of the shortcut: cff_border_pixel of csrc/common/cff_geometry.h, the
-    rows 1 and H-2 first, then columns 1 and W-2 of every other row."""
-    rows = tl.where(H - 2 != 1, 2, 1)
-    cols = tl.where(W - 2 != 1, 2, 1)
-    in_rows = p < rows * W
-    q = p - rows * W
-    y_other = q // cols
-    y_other = tl.where(y_other >= 1, y_other + 1, y_other)
-    y_other = tl.where((rows == 2) & (y_other >= H - 2), y_other + 1, y_other)
-    y = tl.where(in_rows, tl.where(p // W == 0, 1, H - 2), y_other)
-    x = tl.where(in_rows, p % W, tl.where(q % cols == 0, 1, W - 2))
-    return y, x
-
-
-@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "BORDER_ONLY"],
+# Tuned per channel counts and pass (the dtype joins the key by itself). Sizes and batch strides are not
+# specialised on, so a new image size reuses the compiled kernels; the channel and row strides are (a multiple
+# of 16 or not), which lets channels_last tiles load and store 16 bytes at a time.
+@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ"],
                  prune_configs_by={"early_config_prune": _tiles_for_dtype})
-@triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation", "s_ln", "s_ly", "s_hn", "s_hy",
-                               "s_gn", "s_gy", "s_on", "s_oy"])
+@triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation", "s_ln", "s_hn", "s_gn", "s_cn",
+                               "s_on"])
 def _cascade_feature_fusion_fwd_kernel(
-    low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, out_ptr,
+    low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, corr_ptr, out_ptr,
     Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,
-    s_ln, s_lc, s_ly, s_lx, s_hn, s_hc, s_hy, s_hx, s_gn, s_gc, s_gy, s_gx, s_on, s_oc, s_oy, s_ox,
-    ALIGN: tl.constexpr, RESIZE: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr, ADD_GATHER: tl.constexpr,
-    BORDER_ONLY: tl.constexpr, SKIP_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    s_ln, s_lc, s_ly, s_lx, s_hn, s_hc, s_hy, s_hx, s_gn, s_gc, s_gy, s_gx, s_cn, s_cc, s_ce,
+    s_on, s_oc, s_oy, s_ox,
+    ALIGN: tl.constexpr, RESIZE: tl.constexpr, HAS_TAPS: tl.constexpr, HAS_PROJ: tl.constexpr,
+    ADD_GATHER: tl.constexpr, ADD_BORDER: tl.constexpr, EPILOGUE: tl.constexpr, WIDE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    n = tl.program_id(2).to(tl.int64)  # the batch offset is the one product that may pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_pixels
-    if BORDER_ONLY:
-        y, x = _border_pixel(offs_m, H, W)
-    else:
-        y = offs_m // W
-        x = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = in_image_index(offs_m // W, WIDE)
+    x = in_image_index(offs_m % W, WIDE)
+    offs_n = in_image_index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)
     n_ok = offs_n < Co
     dot_dtype = low_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -113,17 +86,17 @@ def _cascade_feature_fusion_fwd_kernel(
         k_blocks = tl.cdiv(Cl, BLOCK_K)
         for step in range(0, 9 * k_blocks):
             tap = step // k_blocks
-            cs = (step - tap * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            cs = in_image_index((step - tap * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
             ys = y + (tap // 3 - 1) * dilation
             xs = x + (tap % 3 - 1) * dilation
             inside = m_ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
             ys = tl.minimum(tl.maximum(ys, 0), H - 1)
             xs = tl.minimum(tl.maximum(xs, 0), W - 1)
             a_mask = inside[:, None] & (cs < Cl)[None, :]
-            channel = low_n + cs[None, :].to(tl.int64) * s_lc
+            channel = low_n + cs[None, :] * s_lc
             if RESIZE:
-                y0, y1, ly = _source_index(ys, h, scale_y, ALIGN)
-                x0, x1, lx = _source_index(xs, w, scale_x, ALIGN)
+                y0, y1, ly = source_index(ys, h, scale_y, ALIGN)
+                x0, x1, lx = source_index(xs, w, scale_x, ALIGN)
                 a = (((1.0 - ly) * (1.0 - lx))[:, None]
                      * tl.load(channel + (y0 * s_ly + x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
                      + ((1.0 - ly) * lx)[:, None]
@@ -142,8 +115,8 @@ def _cascade_feature_fusion_fwd_kernel(
         pixel_offset = (y * s_hy + x * s_hx)[:, None]
         high_n = high_ptr + n * s_hn
         for c0 in range(0, Ch, BLOCK_K):
-            cs = c0 + tl.arange(0, BLOCK_K)
-            a = tl.load(high_n + cs[None, :].to(tl.int64) * s_hc + pixel_offset,
+            cs = in_image_index(c0 + tl.arange(0, BLOCK_K), WIDE)
+            a = tl.load(high_n + cs[None, :] * s_hc + pixel_offset,
                         mask=m_ok[:, None] & (cs < Ch)[None, :], other=0.0)
             b = tl.load(w_high_ptr + cs[:, None] * Co + offs_n[None, :], mask=(cs < Ch)[:, None] & n_ok[None, :],
                         other=0.0)
@@ -151,50 +124,52 @@ def _cascade_feature_fusion_fwd_kernel(
 
     tile_ok = m_ok[:, None] & n_ok[None, :]
     if ADD_GATHER:  # bilinear gather of the low-resolution conv (exact 2x zoom, align_corners)
-        y0, y1, ly = _source_index(y, h, zoom_y, True)
-        x0, x1, lx = _source_index(x, w, zoom_x, True)
-        g = gather_ptr + n * s_gn + offs_n[None, :].to(tl.int64) * s_gc
+        y0, y1, ly = source_index(y, h, zoom_y, True)
+        x0, x1, lx = source_index(x, w, zoom_x, True)
+        g = gather_ptr + n * s_gn + offs_n[None, :] * s_gc
         acc += ((1.0 - ly) * (1.0 - lx))[:, None] * tl.load(g + (y0 * s_gy + x0 * s_gx)[:, None], mask=tile_ok, other=0.0)
         acc += ((1.0 - ly) * lx)[:, None] * tl.load(g + (y0 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
         acc += (ly * (1.0 - lx))[:, None] * tl.load(g + (y1 * s_gy + x0 * s_gx)[:, None], mask=tile_ok, other=0.0)
         acc += (ly * lx)[:, None] * tl.load(g + (y1 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
+        if ADD_BORDER:  # the shortcut's corrections (icnet_kernels.triton.cff_shortcut_border), masked loads
+            c = corr_ptr + n * s_cn + offs_n[None, :] * s_cc
+            acc += tl.load(c + (x * s_ce)[:, None], mask=tile_ok & (y == 1)[:, None], other=0.0)
+            acc += tl.load(c + ((W + x) * s_ce)[:, None], mask=tile_ok & (y == H - 2)[:, None], other=0.0)
+            for side in tl.static_range(2):  # left on column 1, right on column W-2: their low-resolution rows, upsampled
+                at = tl.where(side == 0, 1, W - 2)
+                edge = c + (2 * W + side * h) * s_ce
+                on = tile_ok & (x == at)[:, None]
+                acc += (1.0 - ly)[:, None] * tl.load(edge + (y0 * s_ce)[:, None], mask=on, other=0.0)
+                acc += ly[:, None] * tl.load(edge + (y1 * s_ce)[:, None], mask=on, other=0.0)
 
     if EPILOGUE:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(acc < 0.0, 0.0, acc)  # ReLU that keeps NaN, as torch.relu does
-    if SKIP_BORDER:  # these pixels are written by the direct-conv launch
-        interior = (y != 1) & (y != H - 2) & (x != 1) & (x != W - 2)
-        tile_ok = tile_ok & interior[:, None]
-    out = out_ptr + n * s_on + offs_n[None, :].to(tl.int64) * s_oc + (y * s_oy + x * s_ox)[:, None]
+    out = out_ptr + n * s_on + offs_n[None, :] * s_oc + (y * s_oy + x * s_ox)[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _scale(in_size, out_size, align_corners):
-    """resize_scale of csrc/common/resize.h."""
-    if align_corners:
-        return (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    return in_size / out_size
-
-
-def _launch(low, high, w_low, w_high, bias, gather, out, *, resize_to, dilation, align_corners,
-            taps, proj, add_gather, border_only, skip_border, epilogue):
+def _launch(low, high, w_low, w_high, bias, gather, corr, out, *, resize_to, dilation, align_corners,
+            taps, proj, epilogue):
     n, co, height, width = out.shape
     cl, h, w = low.shape[1:]
-    num_pixels = border_count(height, width) if border_only else height * width
+    num_pixels = height * width
     dummy = out  # stands in for absent operands; never read
     grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]), n)  # noqa: E731
     ch = high.shape[1] if high is not None else 0
     _cascade_feature_fusion_fwd_kernel[grid](
         low, high if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
         bias if bias is not None else dummy, gather if gather is not None else dummy,
-        out,
+        corr if corr is not None else dummy, out,
         cl, h, w, ch, height, width, co, num_pixels, dilation,
-        _scale(h, resize_to[0], align_corners), _scale(w, resize_to[1], align_corners),
-        _scale(h, height, True), _scale(w, width, True),
+        resize_scale(h, resize_to[0], align_corners), resize_scale(w, resize_to[1], align_corners),
+        resize_scale(h, height, True), resize_scale(w, width, True),
         *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
-        *(gather.stride() if gather is not None else (0, 0, 0, 0)), *out.stride(),
-        ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj, ADD_GATHER=add_gather,
-        BORDER_ONLY=border_only, SKIP_BORDER=skip_border, EPILOGUE=epilogue,
+        *(gather.stride() if gather is not None else (0, 0, 0, 0)),
+        *(corr.stride() if corr is not None else (0, 0, 0)), *out.stride(),
+        ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj,
+        ADD_GATHER=gather is not None, ADD_BORDER=corr is not None, EPILOGUE=epilogue,
+        WIDE=needs_wide_index((low, high, gather, corr, out), (w_low, w_high)),
         PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
     )
 
@@ -217,17 +192,16 @@ def cascade_feature_fusion_triton(low, high, weight_low, weight_high, bias, dila
     w_low = laid_out(weight_low, "taps_by_out_channels", _taps_by_out_channels)
     w_high = laid_out(weight_high, "transposed", lambda t: t.t().contiguous())  # Ch x Co
     if not exact_shortcut(h, w, height, width, dilation, align_corners):
-        _launch(low, high, w_low, w_high, bias, None, out, resize_to=(height, width), dilation=dilation,
-                align_corners=align_corners, taps=True, proj=True, add_gather=False, border_only=False,
-                skip_border=False, epilogue=True)
+        _launch(low, high, w_low, w_high, bias, None, None, out, resize_to=(height, width), dilation=dilation,
+                align_corners=align_corners, taps=True, proj=True, epilogue=True)
         return out
-    conv_low = torch.empty((n, co, h, w), dtype=torch.float32, device=low.device)
-    _launch(low, None, w_low, None, None, None, conv_low, resize_to=(h, w), dilation=1, align_corners=True,
-            taps=True, proj=False, add_gather=False, border_only=False, skip_border=False, epilogue=False)
-    _launch(low, high, w_low, w_high, bias, conv_low, out, resize_to=(height, width), dilation=dilation,
-            align_corners=True, taps=False, proj=True, add_gather=True, border_only=False, skip_border=True,
-            epilogue=True)
-    _launch(low, high, w_low, w_high, bias, None, out, resize_to=(height, width), dilation=dilation,
-            align_corners=True, taps=True, proj=True, add_gather=False, border_only=True, skip_border=False,
-            epilogue=True)
+    # the shortcut: the conv at low resolution and the border corrections, then one pass over the output
+    # (projection GEMM, gather of the conv, corrections, bias, ReLU); both intermediates in out's layout
+    layout = output_memory_format(high)
+    conv_low = torch.empty((n, co, h, w), dtype=torch.float32, device=low.device, memory_format=layout)
+    _launch(low, None, w_low, None, None, None, None, conv_low, resize_to=(h, w), dilation=1, align_corners=True,
+            taps=True, proj=False, epilogue=False)
+    corr = shortcut_border_corrections(low, w_low, height, width, layout == torch.channels_last)
+    _launch(low, high, w_low, w_high, bias, conv_low, corr, out, resize_to=(height, width), dilation=dilation,
+            align_corners=True, taps=False, proj=True, epilogue=True)
     return out

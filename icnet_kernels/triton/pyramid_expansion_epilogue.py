@@ -26,7 +26,7 @@ import triton.language as tl
 
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.ops.arguments import TRITON_DTYPES, require
-from icnet_kernels.triton.pyramid_pool_sum import _stacked_matrices
+from icnet_kernels.triton.pyramid_pool_sum import stacked_matrices
 
 
 @triton.jit(do_not_specialize=["H", "W", "num_pixels"])
@@ -95,7 +95,7 @@ def pyramid_fold_tables(height: int, width: int, bins, kernel_sizes=None, stride
     pyramid_pool_sum_reference takes them ((h, w) pairs, or None for adaptive pooling)."""
     kernel_sizes = None if kernel_sizes is None else tuple(tuple(p) for p in kernel_sizes)
     strides = None if strides is None else tuple(tuple(p) for p in strides)
-    (pool_h, pool_w, expand_h, expand_w), _ = _stacked_matrices(height, width, tuple(bins), kernel_sizes, strides,
+    (pool_h, pool_w, expand_h, expand_w), _ = stacked_matrices(height, width, tuple(bins), kernel_sizes, strides,
                                                                 align_corners, torch.device(device or "cpu"))
     row_h, row_w, first = [], [], 0
     for n in bins:  # bin b's rows are first .. first + n - 1 of the stacked matrices on both axes

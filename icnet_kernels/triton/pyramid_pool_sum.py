@@ -66,7 +66,7 @@ def _pyramid_pool_sum_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def _stacked_matrices(height, width, bins, kernel_sizes, strides, align_corners, device):
+def stacked_matrices(height, width, bins, kernel_sizes, strides, align_corners, device):
     """Stacked (pool_h, pool_w, interp_h, interp_w) [R, L] float32 and the bin index of each row."""
     per_bin = pyramid_bin_matrices(height, width, bins, kernel_sizes, strides, align_corners, torch.float32, device)
     stacked = tuple(torch.cat([m[k] for m in per_bin]).contiguous() for k in range(4))
@@ -81,7 +81,7 @@ def pyramid_pool_sum_triton(x: torch.Tensor, bins, kernel_sizes, strides, align_
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    (pool_h, pool_w, interp_h, interp_w), bin_of_row = _stacked_matrices(
+    (pool_h, pool_w, interp_h, interp_w), bin_of_row = stacked_matrices(
         height, width, tuple(bins), kernel_sizes, strides, align_corners, x.device)
     reduce_h, reduce_w, expand_h, expand_w = (
         (interp_h, interp_w, pool_h, pool_w) if adjoint else (pool_h, pool_w, interp_h, interp_w))
