@@ -203,6 +203,33 @@ def test_cff_triton_path(c: Cff, one_thread):
         check_cff("triton", c, torch.float32, layout, seed)
 
 
+def test_triton_offsets_widen_where_an_image_spans_2_to_the_31_elements():
+    """In-image offsets are int32 unless some tensor's batch item spans 2^31 elements (strides included)."""
+    pytest.importorskip("triton")
+    from icnet_kernels.triton.index_math import image_span, needs_wide_index
+    narrow = torch.empty_strided((4, 2, 3, 5), (2**33, 15, 5, 1), device="meta")  # only the batch stride is large
+    assert image_span(narrow) == 30 and not needs_wide_index((narrow, None))
+    wide = torch.empty_strided((1, 2, 3, 5), (2**31, 2**31 - 15, 5, 1), device="meta")
+    assert image_span(wide) == 2**31 and needs_wide_index((narrow, wide))
+    assert needs_wide_index((narrow,), (torch.empty(2**31, device="meta"),))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("c", [c for c in TRITON_CFF if c.kernel_path == "shortcut"][:1] + TRITON_CFF[:1], ids=str)
+def test_cff_triton_wide_offsets_give_the_same_result(c: Cff, one_thread, monkeypatch):
+    """The int64 offsets (WIDE), which only an image of 2^31 elements reaches, compute what int32 ones do."""
+    from icnet_kernels.triton import cascade_feature_fusion as cff_kernel, cff_shortcut_border
+    inputs = cff_inputs(c, torch.float32, seed=3)
+    run = lambda: cascade_feature_fusion(**inputs, dilation=c.dilation, align_corners=c.align_corners,  # noqa: E731
+                                         backend="triton")
+    narrow = run()
+    asked = []
+    for module in (cff_kernel, cff_shortcut_border):
+        monkeypatch.setattr(module, "needs_wide_index", lambda *args, module=module: asked.append(module) or True)
+    torch.testing.assert_close(run(), narrow, rtol=0, atol=0)
+    assert cff_kernel in asked and (cff_shortcut_border in asked) == (c.kernel_path == "shortcut")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # summed pyramid pooling
 
