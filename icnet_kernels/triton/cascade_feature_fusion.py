@@ -56,8 +56,7 @@ def _tiles_for_dtype(configs, named_args, **kwargs):
 # of 16 or not), which lets channels_last tiles load and store 16 bytes at a time.
 @triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ"],
                  prune_configs_by={"early_config_prune": _tiles_for_dtype})
-@triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation", "s_ln", "s_hn", "s_gn", "s_cn",
-                               "s_on"])
+@triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation"])
 def _cascade_feature_fusion_fwd_kernel(
     low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, corr_ptr, out_ptr,
     Cl, h, w, Ch, H, W, Co, num_pixels, dilation, scale_y, scale_x, zoom_y, zoom_x,

@@ -17,7 +17,7 @@ from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.triton.weight_layout import laid_out
 
 
-@triton.jit(do_not_specialize=["H", "W", "OW", "num_pixels", "s_xn", "s_xy", "s_pn", "s_py"])
+@triton.jit(do_not_specialize=["H", "W", "OW", "num_pixels"])
 def _conv2d_epilogue_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     Ci, H, W, Co, OW, num_pixels, steps_per_split,
@@ -77,7 +77,7 @@ def _epilogue_store(acc, offs_n, n_ok, oy, ox, tile_ok, n, bias_ptr, res_ptr, ou
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["OW", "num_pixels", "s_pn", "s_py"])
+@triton.jit(do_not_specialize=["OW", "num_pixels"])
 def _conv2d_epilogue_sum_kernel(
     part_ptr, bias_ptr, res_ptr, out_ptr, Co, OW, num_pixels,
     s_ps, s_pn, s_pc, s_py, s_rn, s_rc, s_ry, s_rx, s_on, s_oc, s_oy, s_ox,
@@ -128,8 +128,9 @@ def conv2d_epilogue_triton(x, weight, bias, residual, stride: int, padding: int,
     split_k = min(split_k, steps)
     per_split = triton.cdiv(steps, split_k)
     split_k = triton.cdiv(steps, per_split)  # no split left without steps
-    part = (torch.empty((split_k, n, co, oh * ow), dtype=torch.float32, device=x.device) if split_k > 1
-            else out.new_empty(0))
+    # partial sums [split, n, co, pixels] stored channel-innermost, as the tile's accumulator is written
+    part = (torch.empty((split_k, n, oh * ow, co), dtype=torch.float32, device=x.device).permute(0, 1, 3, 2)
+            if split_k > 1 else out.new_empty(0))
     part_strides = part.stride() if split_k > 1 else (0, 0, 0, 0)
     has_residual = residual is not None
     res_strides = residual.stride() if has_residual else (0, 0, 0, 0)

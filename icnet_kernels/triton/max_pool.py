@@ -16,7 +16,7 @@ from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.max_pool import pooled_size
 
 
-@triton.jit(do_not_specialize=["H", "W", "OW", "num_pixels", "s_xn", "s_xy", "s_on", "s_oy"])
+@triton.jit(do_not_specialize=["H", "W", "OW", "num_pixels"])
 def _max_pool_fwd_kernel(
     x_ptr, out_ptr, C, H, W, OW, num_pixels,
     s_xn, s_xc, s_xy, s_xx, s_on, s_oc, s_oy, s_ox,

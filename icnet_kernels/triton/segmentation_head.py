@@ -35,7 +35,7 @@ def _row_blend(row_ptr, offs_k, k_ok, j0, j1, lx, x_ok, s_fc, s_fx):
     return tl.where(has_right[:, None], (1.0 - lx)[:, None] * left + lx[:, None] * right, left)
 
 
-@triton.jit(do_not_specialize=["h", "w", "H", "W", "s_fn", "s_fy", "s_on", "s_oy"])
+@triton.jit(do_not_specialize=["h", "w", "H", "W"])
 def _segmentation_head_fwd_kernel(
     feat_ptr, weight_ptr, bias_ptr, out_ptr,
     K, h, w, C, H, W,
