@@ -51,9 +51,9 @@ def _tiles_for_dtype(configs, named_args, **kwargs):
     return kept or configs
 
 
-# Tuned per channel counts and pass (the dtype joins the key by itself). Sizes and batch strides are not
-# specialised on, so a new image size reuses the compiled kernels; the channel and row strides are (a multiple
-# of 16 or not), which lets channels_last tiles load and store 16 bytes at a time.
+# Tuned per channel counts and pass (the dtype joins the key by itself). Sizes are not specialised on, so a
+# new image size reuses the compiled kernels; strides are (a multiple of 16 or not), which lets channels_last
+# tiles load and store 16 bytes at a time.
 @triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ"],
                  prune_configs_by={"early_config_prune": _tiles_for_dtype})
 @triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation"])
