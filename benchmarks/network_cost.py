@@ -37,7 +37,7 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     F.conv2d path FlopCounterMode knows (on the CPU they are oneDNN ops it does not count).
     """
     fusion_counts: list[tuple[int, int]] = []  # (counted, cheapest exact) per fusion unit call
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_head_flop_formulas()) as counter:
         def before(module, args):
             low, high = args[:2]
             exact = cascade_feature_fusion.dense_flops(low.shape, high.shape, module.conv_low.out_channels,
@@ -60,6 +60,20 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     total = counter.get_total_flops()
     return {"total": total, "convolution": by_op.get("aten.convolution", 0),
             "dense": total + sum(exact - counted for counted, exact in fusion_counts)}
+
+
+def _head_flops(features_shape, weight_shape, *args, **kwargs) -> int:
+    """The segmentation head's classifier, a [classes, K] matrix on every low-resolution pixel (its zoom is
+    interpolation, which is not counted)."""
+    n, k, h, w = features_shape
+    return 2 * n * h * w * k * weight_shape[0]
+
+
+def _head_flop_formulas() -> dict:
+    """FlopCounterMode formulas for the segmentation head ops: the fused build classifies inside them."""
+    names = ("segmentation_head", "segmentation_head_labels", "segmentation_head_triton",
+             "segmentation_head_labels_triton")
+    return {getattr(torch.ops.icnet, name): _head_flops for name in names if hasattr(torch.ops.icnet, name)}
 
 
 class _ReadsOutsideUnits(TorchFunctionMode):
@@ -89,6 +103,11 @@ def _units(module: nn.Module) -> list[nn.Module]:
         else:
             found += _units(child)
     return found
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Identifies t's storage, which its views share (on the meta device too, where there is no pointer)."""
+    return t.untyped_storage()._cdata
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -127,6 +146,13 @@ def count_bytes(model: nn.Module, image: torch.Tensor) -> dict[str, int]:
             handle.remove()
     reads.pop(id(image), None)
     convs = {id(conv): conv for module in ran for conv in module.modules() if isinstance(conv, nn.Conv2d)}
+    # a convolution whose weight (or a view of it) a function read between units, as the fused head reads
+    # its classifier's: the parameters are weights, not activations
+    parameters = {_storage(p) for p in model.parameters()}
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d) and any(_storage(t) == _storage(conv.weight) for t in reads.values()):
+            convs[id(conv)] = conv
+    reads = {key: t for key, t in reads.items() if _storage(t) not in parameters}
     weights = sum((conv.weight.numel() + conv.out_channels) * conv.weight.element_size() for conv in convs.values())
     return {"image": _nbytes(image), "logits": _nbytes(logits), "weights": weights,
             "activations": 2 * sum(_nbytes(t) for t in reads.values())}

@@ -101,6 +101,28 @@ def test_bytes_count_each_activation_between_layers_once_each_way():
                        "activations": 2 * (4 * 35 + 4 * 140) * 4}
 
 
+class ClassifyAndZoom(nn.Module):
+    """A 1x1 conv then the segmentation head's classifier and 4x zoom, as the fused ICNet's head runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.classifier = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return icnet_kernels.segmentation_head(self.conv(x), self.classifier.weight, self.classifier.bias, 4)
+
+
+def test_the_fused_head_counts_its_classifier():
+    """The head op classifies inside one kernel: its FLOPs and its weights are counted all the same."""
+    with torch.device("meta"):
+        model, image = ClassifyAndZoom().eval(), torch.empty(2, 3, 5, 7)
+    flops = network_cost.count_flops(model, image)
+    assert flops["dense"] == flops["total"] == 2 * 2 * 35 * (3 * 8 + 8 * 5)
+    counted = network_cost.count_bytes(model, image)
+    assert counted["weights"] == (24 + 8 + 40 + 5) * 4
+    assert counted["activations"] == 2 * 2 * 8 * 35 * 4  # the conv's output only, written once and read once
+
+
 @pytest.fixture
 def one_thread():
     """Tiny inputs run best on one thread, and a busy shared machine cannot oversubscribe it."""

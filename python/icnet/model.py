@@ -217,12 +217,13 @@ class ICNet(nn.Module):
         resize to the image (both are piecewise-linear interpolation through the same samples, align_corners),
         so the result is the same with the classifier run on a quarter of the pixels and one resize less.
         Where both resizes together are one exact integer zoom of the features (exact_head_zoom: the natural
-        1025x2049 input, 8x from the 1/8 map in sub124), CPU inference runs classifier and zoom as one pass,
-        icnet_kernels.segmentation_head, which writes the full-resolution logits once.
+        1025x2049 input, 8x from the 1/8 map in sub124), inference runs classifier and zoom as one pass,
+        icnet_kernels.segmentation_head (C++ on the CPU, Triton on a GPU), which writes the full-resolution
+        logits once.
         """
         layout = memory_format_of(image)
         # the sizes are read only where the head can run: in a trace with symbolic sizes they would specialise
-        if (self.fused and image.device.type == "cpu" and classifier.bias is not None and not torch.is_grad_enabled()
+        if (self.fused and classifier.bias is not None and not torch.is_grad_enabled()
                 and (zoom := exact_head_zoom(features.shape[-2:], size, image.shape[-2:])) is not None):
             head = icnet_kernels.segmentation_head_labels if labels else icnet_kernels.segmentation_head
             if not labels or self.num_classes <= MAX_LABEL_CLASSES:
