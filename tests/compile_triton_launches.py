@@ -1,8 +1,8 @@
 """Compiles every Triton kernel as its launcher launches it on a GPU, without a GPU: python -m
 tests.compile_triton_launches ARCH prints JSON: "kernels", the names of every Triton kernel of
 icnet_kernels.triton, and "launches", one record per compiled launch (kernel, dtype, layout, its boolean and
-integer constexprs, and the global memory accesses of its PTX: ld/st.global with their widths, and the
-bytes of each cp.async copy).
+integer constexprs, the global memory accesses of its PTX: ld/st.global with their widths, and the bytes of
+each cp.async copy; and from the machine code, the registers per thread and the bytes spilled to the stack).
 
 The launchers run on CPU tensors of ICNet's shapes with the kernels' launch replaced by a compile for
 sm_ARCH that takes the arguments' specialisation (integers equal to 1, multiples of 16, pointer alignment)
@@ -15,11 +15,14 @@ import json
 import os
 import pkgutil
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["ICNET_TRITON_AUTOTUNE"] = "0"  # one tile per dtype: the one an untuned build runs
 
 import torch  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile, make_backend  # noqa: E402
 from triton.runtime import jit  # noqa: E402
@@ -33,6 +36,19 @@ from icnet_kernels.triton import (cascade_feature_fusion, cff_shortcut_border, c
 
 ACCESS = re.compile(r"(?:ld|st)\.global[.\w]*")
 ASYNC_COPY = re.compile(r"cp\.async\.\w+\.shared\.global[^;]*?, (0x\w+|\d+)")  # its operand: the bytes copied
+RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the kernel in cubin, as cuobjdump reports them: a
+    kernel that spills registers keeps them on its stack."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name], check=True,
+                                capture_output=True, text=True).stdout
+    registers, stack = RESOURCES.search(report).groups()
+    return int(registers), int(stack)
 
 
 def tensor(*shape, dtype, memory_format=torch.contiguous_format):
@@ -90,12 +106,14 @@ def main(arch: int) -> None:
         binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        ptx = compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                      options=options.__dict__).asm["ptx"]
+        compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        ptx = compiled.asm["ptx"]
+        registers, stack = resource_usage(compiled.asm["cubin"])
         flags = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()
                  if isinstance(value, (bool, int))}
         accesses = set(ACCESS.findall(ptx)) | {f"cp.async {int(size, 0)}" for size in ASYNC_COPY.findall(ptx)}
-        records.append({"kernel": kernel.__name__, **case, "flags": flags, "accesses": sorted(accesses)})
+        records.append({"kernel": kernel.__name__, **case, "flags": flags, "accesses": sorted(accesses),
+                        "registers": registers, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared})
 
     jit.JITFunction.run = compile_launch
     pyramid_expansion_epilogue.triton_usable = lambda device: True  # its launcher checks the device itself

@@ -3,7 +3,8 @@
 The interpreter checks their arithmetic but not that Triton's compiler accepts them (types, dot shapes,
 shared memory), which a GPU session would otherwise find out first. tests/compile_triton_launches.py runs
 every launcher on ICNet's shapes and compiles each launch for sm_80 and sm_90 with the specialisation a real
-launch gets, so the PTX shows how each kernel reads and writes global memory."""
+launch gets, so the PTX shows how each kernel reads and writes global memory and the machine code how many
+registers it needs."""
 
 import json
 import os
@@ -57,3 +58,24 @@ def test_channels_last_16_bit_tiles_move_16_bytes_per_access(compiled):
         assert "st.global.v4.b32" in accesses, f"no 16-byte stores: {what}"
         assert accesses & {"ld.global.v4.b32", "cp.async 16"}, f"no 16-byte loads: {what}"
         assert not accesses & {"ld.global.b16", "st.global.b16"}, f"2-byte accesses: {what}"
+
+
+# Shared memory a block may use, by architecture (the opt-in maximum: 163 KiB on sm_80, 227 KiB on sm_90).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+# pyramid_pool_sum's program, one channel plane through four small dots, spills a few hundred bytes in float32
+# (and in float16 on sm_80) whatever its tile; on a GPU ICNet folds the pyramid pooling into conv5_4 instead.
+SPILLS_ALLOWED = {"_pyramid_pool_sum_kernel"}
+
+
+def test_launches_fit_registers_and_shared_memory(compiled):
+    """A kernel that spills registers to its stack runs its inner loop through local memory; one past the
+    shared memory limit does not launch."""
+    arch, found = compiled
+    for record in found["launches"]:
+        what = f"sm_{arch} {record['kernel']} {record['dtype']} {record['flags']}"
+        assert record["shared_bytes"] <= SHARED_MEMORY_LIMIT[arch], f"{what}: {record['shared_bytes']} bytes shared"
+        if record["kernel"] not in SPILLS_ALLOWED:
+            assert record["stack_bytes"] == 0, (f"{what}: {record['registers']} registers, "
+                                                f"{record['stack_bytes']} bytes of stack")

@@ -1,4 +1,4 @@
-"""The Triton CFF kernel's tile lists: each dtype is tuned over its own tiles only."""
+"""The Triton CFF kernel's tile lists: each dtype and pass is tuned over its own tiles only."""
 
 import pytest
 import torch
@@ -7,23 +7,22 @@ triton = pytest.importorskip("triton")
 from icnet_kernels.triton import cascade_feature_fusion as cff  # noqa: E402
 
 
-def tile(config):
-    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
-            config.num_stages)
+def every_tile():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for tiles in cff.TILES.values() for m, n, k, w, s in tiles]
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, cff._FLOAT_TILES), (torch.float16, cff._HALF_TILES),
-                                             (torch.bfloat16, cff._HALF_TILES)])
-def test_each_dtype_keeps_its_own_tiles(dtype, expected):
-    every = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-             for m, n, k, w, s in cff._HALF_TILES + cff._FLOAT_TILES]
-    kept = cff._tiles_for_dtype(every, {"low_ptr": torch.empty(1, dtype=dtype)})
-    assert [tile(c) for c in kept] == expected
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "float"), (torch.float16, "half"), (torch.bfloat16, "half")])
+@pytest.mark.parametrize("gather", [False, True], ids=["taps", "gather"])
+def test_each_dtype_and_pass_keeps_its_own_tiles(dtype, kind, gather):
+    kept = cff._tiles_for_pass(every_tile(), {"low_ptr": torch.empty(1, dtype=dtype)}, ADD_GATHER=gather,
+                               HAS_TAPS=not gather)
+    assert sorted(map(cff._tile, kept)) == sorted(cff.TILES[kind, "gather" if gather else "taps"])
 
 
-def test_untuned_builds_keep_one_tile_per_dtype(monkeypatch):
+def test_untuned_builds_keep_the_first_tile_of_each_list(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("ICNET_TRITON_AUTOTUNE", "0")
-    assert [tile(c) for c in cff._configs()] == [cff._HALF_TILES[0], cff._FLOAT_TILES[0]]
+    assert [cff._tile(c) for c in cff._configs()] == [tiles[0] for tiles in cff.TILES.values()]
     monkeypatch.setenv("ICNET_TRITON_AUTOTUNE", "1")
-    assert len(cff._configs()) == len(cff._HALF_TILES) + len(cff._FLOAT_TILES)
+    assert len(cff._configs()) == len({tile for tiles in cff.TILES.values() for tile in tiles})

@@ -24,38 +24,49 @@ from icnet_kernels.triton.index_math import in_image_index, needs_wide_index, re
 from icnet_kernels.triton.weight_layout import laid_out
 
 
-# Tiles for float16/bfloat16 (tensor cores) and for float32. float32 runs the dot at full precision
-# ("ieee"), which Triton unrolls into scalar FMAs: large tiles there compile slowly and spill registers, so
-# float32 gets small ones.
-_HALF_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
-               (64, 64, 64, 4, 3)]
-_FLOAT_TILES = [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per dtype ("half": float16/bfloat16 on tensor cores;
+# "float": float32, whose full-precision dot Triton unrolls into scalar FMAs, so its tiles are small) and per
+# pass: "taps", the passes that reduce over the 3x3 taps, and "gather", the shortcut's full-resolution pass,
+# whose epilogue (four gathered sources of the low-resolution conv, the border corrections) fits in the
+# registers only with few output elements per thread (tests/test_triton_ahead_of_time.py checks for spills).
+# Each list's first tile is the one an untuned build runs.
+TILES = {
+    ("half", "taps"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
+                       (64, 64, 64, 4, 3)],
+    ("half", "gather"): [(64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
+    ("float", "taps"): [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)],
+    ("float", "gather"): [(32, 64, 16, 8, 2), (32, 32, 16, 4, 2)],
+}
+
+
+def _tile(config: triton.Config) -> tuple[int, int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+            config.num_stages)
 
 
 def _configs():
-    """Every tile the autotuner may try. ICNET_TRITON_AUTOTUNE=0 keeps the first tile of each dtype only
+    """Every tile the autotuner may try. ICNET_TRITON_AUTOTUNE=0 keeps the first tile of each list only
     (the test suite sets it: each new shape would otherwise compile and time every tile)."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     tune = os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0"
-    tiles = (_HALF_TILES if tune else _HALF_TILES[:1]) + (_FLOAT_TILES if tune else _FLOAT_TILES[:1])
+    tiles = dict.fromkeys(tile for tiles in TILES.values() for tile in (tiles if tune else tiles[:1]))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
 
 
-def _tiles_for_dtype(configs, named_args, **kwargs):
-    """Prunes the tile list to the dtype's own tiles (float32 or the 16-bit types)."""
-    wanted = _FLOAT_TILES if named_args["low_ptr"].dtype == torch.float32 else _HALF_TILES
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                   c.num_stages) in wanted]
-    return kept or configs
+def _tiles_for_pass(configs, named_args, **kwargs):
+    """Prunes the tile list to the tiles of the launch's dtype and pass (TILES)."""
+    kind = "float" if named_args["low_ptr"].dtype == torch.float32 else "half"
+    wanted = TILES[kind, "gather" if kwargs.get("ADD_GATHER") else "taps"]
+    return [c for c in configs if _tile(c) in wanted] or configs
 
 
 # Tuned per channel counts and pass (the dtype joins the key by itself). Sizes are not specialised on, so a
 # new image size reuses the compiled kernels; strides are (a multiple of 16 or not), which lets channels_last
 # tiles load and store 16 bytes at a time.
-@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ"],
-                 prune_configs_by={"early_config_prune": _tiles_for_dtype})
+@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "ADD_GATHER"],
+                 prune_configs_by={"early_config_prune": _tiles_for_pass})
 @triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation"])
 def _cascade_feature_fusion_fwd_kernel(
     low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, corr_ptr, out_ptr,
@@ -130,16 +141,14 @@ def _cascade_feature_fusion_fwd_kernel(
         acc += ((1.0 - ly) * lx)[:, None] * tl.load(g + (y0 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
         acc += (ly * (1.0 - lx))[:, None] * tl.load(g + (y1 * s_gy + x0 * s_gx)[:, None], mask=tile_ok, other=0.0)
         acc += (ly * lx)[:, None] * tl.load(g + (y1 * s_gy + x1 * s_gx)[:, None], mask=tile_ok, other=0.0)
-        if ADD_BORDER:  # the shortcut's corrections (icnet_kernels.triton.cff_shortcut_border), masked loads
-            c = corr_ptr + n * s_cn + offs_n[None, :] * s_cc
-            acc += tl.load(c + (x * s_ce)[:, None], mask=tile_ok & (y == 1)[:, None], other=0.0)
-            acc += tl.load(c + ((W + x) * s_ce)[:, None], mask=tile_ok & (y == H - 2)[:, None], other=0.0)
-            for side in tl.static_range(2):  # left on column 1, right on column W-2: their low-resolution rows, upsampled
-                at = tl.where(side == 0, 1, W - 2)
-                edge = c + (2 * W + side * h) * s_ce
-                on = tile_ok & (x == at)[:, None]
-                acc += (1.0 - ly)[:, None] * tl.load(edge + (y0 * s_ce)[:, None], mask=on, other=0.0)
-                acc += ly[:, None] * tl.load(edge + (y1 * s_ce)[:, None], mask=on, other=0.0)
+
+    if ADD_BORDER:  # the shortcut's corrections (icnet_kernels.triton.cff_shortcut_border): one load per axis
+        c = corr_ptr + n * s_cn + offs_n[None, :] * s_cc
+        on_row = (y == 1) | (y == H - 2)
+        acc += tl.load(c + (tl.where(y == 1, x, W + x) * s_ce)[:, None], mask=tile_ok & on_row[:, None], other=0.0)
+        on_column = (x == 1) | (x == W - 2)
+        acc += tl.load(c + (tl.where(x == 1, 2 * W + y, 2 * W + H + y) * s_ce)[:, None],
+                       mask=tile_ok & on_column[:, None], other=0.0)
 
     if EPILOGUE:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

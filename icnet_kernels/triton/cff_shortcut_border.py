@@ -6,17 +6,19 @@ Per axis, the dilated tap of the upsampled map and the upsampled tap of low diff
 the first tap (by -low[0] / 2) and at position H-2 for the last (by -low[h-1] / 2), so over both axes
 (csrc/cpu/cff_border.h derives the same terms)
 
-    direct = up(conv3x3(low)) + [y == 1] top[x] + [y == H-2] bottom[x]
-                              + [x == 1] up_y(left)[y] + [x == W-2] up_y(right)[y]
+    direct = up(conv3x3(low)) + [y == 1] top[x] + [y == H-2] bottom[x] + [x == 1] left[y] + [x == W-2] right[y]
 
-    top    = -1/2 conv1d_x,dil2(up_x(low[:, :, 0, :]),   weight[:, :, 0, :])   at full-resolution x
+    top    = -1/2 conv1d_x,dil2(up_x(low[:, :, 0, :]),   weight[:, :, 0, :])
     bottom = -1/2 conv1d_x,dil2(up_x(low[:, :, h-1, :]), weight[:, :, 2, :])
-    left   = -1/2 conv1d_y(low[:, :, :, 0],   weight[:, :, :, 0])                at low-resolution y
-    right  = -1/2 conv1d_y(low[:, :, :, w-1], weight[:, :, :, 2])
+    left   = -1/2 up_y(conv1d_y(low[:, :, :, 0],   weight[:, :, :, 0]))
+    right  = -1/2 up_y(conv1d_y(low[:, :, :, w-1], weight[:, :, :, 2]))
 
-(the row terms in the direct form along x, the column terms in the shortcut form along y). Each edge is a
-[positions, 3 * Cl] x [3 * Cl, Co] GEMM whose A tile is read from low (interpolated along x for the rows);
-the fusion pass adds the terms to the border pixels in its epilogue (icnet_kernels.triton.cascade_feature_fusion).
+(the row terms in the direct form along x, the column terms in the shortcut form along y), all four at full
+resolution. Each edge is a [positions, 3 * Cl] x [3 * Cl, Co] GEMM whose A tile is read from low and
+interpolated on the fly (a channel mix commutes with a resize along the edge); the fusion pass adds the terms
+to the border pixels in its epilogue with one load per axis (icnet_kernels.triton.cascade_feature_fusion).
+Where H = 3 (or W = 3) row 1 is row H-2 (column 1 is column W-2): both terms apply there, and the first
+entry holds their sum.
 """
 
 import os
@@ -30,10 +32,10 @@ from icnet_kernels.triton.index_math import in_image_index, needs_wide_index, re
 EDGES = tl.constexpr(4)  # top, bottom, left, right, in the corrections tensor's order
 
 
-@triton.jit(do_not_specialize=["h", "w", "W"])
+@triton.jit(do_not_specialize=["h", "w", "H", "W"])
 def _shortcut_border_kernel(
     low_ptr, w_ptr, corr_ptr,
-    Cl, h, w, W, Co, zoom_x,
+    Cl, h, w, H, W, Co, zoom_y, zoom_x,
     s_ln, s_lc, s_ly, s_lx, s_cn, s_cc, s_ce,
     WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -41,8 +43,8 @@ def _shortcut_border_kernel(
     n = (tl.program_id(2) // EDGES).to(tl.int64)
     on_row = edge < 2
     far = edge % 2 == 1  # bottom or right: low's last row or column, the kernel's last tap row or column
-    length = tl.where(on_row, W, h)
-    first = tl.where(on_row, edge * W, 2 * W + (edge - 2) * h)  # the edge's first entry in the corrections
+    length = tl.where(on_row, W, H)
+    first = tl.where(on_row, edge * W, 2 * W + (edge - 2) * H)  # the edge's first entry in the corrections
     offs_m = in_image_index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     m_ok = offs_m < length
     offs_n = in_image_index(tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)
@@ -52,6 +54,8 @@ def _shortcut_border_kernel(
     k_blocks = tl.cdiv(Cl, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if tl.program_id(0) * BLOCK_M < length:  # programs past a short edge's end have nothing to do
+        # the column terms are upsampled along y after their taps: each output row's two low-resolution rows
+        y0, y1, ly = source_index(tl.minimum(offs_m, H - 1), h, zoom_y, True)
         for step in range(0, 3 * k_blocks):
             tap = step // k_blocks
             cs = in_image_index((step - tap * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K), WIDE)
@@ -65,12 +69,16 @@ def _shortcut_border_kernel(
                 a = ((1.0 - lx)[:, None] * tl.load(row + (x0 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32)
                      + lx[:, None] * tl.load(row + (x1 * s_lx)[:, None], mask=a_mask, other=0.0).to(tl.float32))
                 kernel_tap = tl.where(far, 6, 0) + tap  # kernel row 0 or 2, column `tap`
-            else:  # column 0 or w-1 of low at low-resolution row y + tap - 1
-                at = offs_m + tap - 1
-                a_mask = (m_ok & (at >= 0) & (at < h))[:, None] & c_ok[None, :]
+            else:  # column 0 or w-1 of low, tap `tap` at low-resolution rows y0 + tap - 1 and y1 + tap - 1
                 column = low_n + channel + tl.where(far, w - 1, 0).to(tl.int64) * s_lx
-                a = tl.load(column + (tl.minimum(tl.maximum(at, 0), h - 1) * s_ly)[:, None], mask=a_mask,
-                            other=0.0).to(tl.float32)
+                at0 = y0 + tap - 1
+                at1 = y1 + tap - 1
+                ok0 = (m_ok & (at0 >= 0) & (at0 < h))[:, None] & c_ok[None, :]
+                ok1 = (m_ok & (at1 >= 0) & (at1 < h))[:, None] & c_ok[None, :]
+                a = ((1.0 - ly)[:, None] * tl.load(column + (tl.minimum(tl.maximum(at0, 0), h - 1) * s_ly)[:, None],
+                                                   mask=ok0, other=0.0).to(tl.float32)
+                     + ly[:, None] * tl.load(column + (tl.minimum(tl.maximum(at1, 0), h - 1) * s_ly)[:, None],
+                                             mask=ok1, other=0.0).to(tl.float32))
                 kernel_tap = tap * 3 + tl.where(far, 2, 0)  # kernel row `tap`, column 0 or 2
             b = tl.load(w_ptr + (kernel_tap * Cl + cs)[:, None] * Co + offs_n[None, :],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -87,21 +95,22 @@ def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
     return (32, 64, 16, 4) if dtype == torch.float32 else (32, 64, 32, 4)
 
 
-def border_entries(height: int, width: int, h: int) -> int:
-    """How many positions the corrections hold per image and channel: 2 W along the rows, 2 h along the columns."""
-    return 2 * width + 2 * h
+def border_entries(height: int, width: int) -> int:
+    """How many positions the corrections hold per image and channel: 2 W along the rows, 2 H along the columns."""
+    return 2 * width + 2 * height
 
 
 def shortcut_border_corrections(low: torch.Tensor, weight_taps: torch.Tensor, height: int, width: int,
                                 channels_last: bool) -> torch.Tensor:
-    """The four edge terms, float32 [N, Co, 2 W + 2 h] (top, bottom at full-resolution x; left, right at
-    low-resolution y), stored with Co innermost when channels_last (the fusion pass's output layout).
+    """The four edge terms, float32 [N, Co, 2 W + 2 H] (top and bottom at each x, left and right at each y,
+    all at full resolution), stored with Co innermost when channels_last (the fusion pass's output layout).
+    Where H = 3 the top entries hold top + bottom, where W = 3 the left entries left + right.
 
     low [N, Cl, h, w] (h, w >= 2, H = 2h-1, W = 2w-1); weight_taps [9 * Cl, Co], tap-major, as the fusion
     kernel reads weight_low."""
     n, cl, h, w = low.shape
     co = weight_taps.shape[1]
-    entries = border_entries(height, width, h)
+    entries = border_entries(height, width)
     if channels_last:
         corr = torch.empty((n, entries, co), dtype=torch.float32, device=low.device).permute(0, 2, 1)
     else:
@@ -109,10 +118,15 @@ def shortcut_border_corrections(low: torch.Tensor, weight_taps: torch.Tensor, he
     if corr.numel() == 0:
         return corr
     block_m, block_n, block_k, warps = _tiles(low.dtype)
-    grid = (triton.cdiv(max(width, h), block_m), triton.cdiv(co, block_n), n * EDGES.value)
+    grid = (triton.cdiv(max(width, height), block_m), triton.cdiv(co, block_n), n * EDGES.value)
     _shortcut_border_kernel[grid](
-        low, weight_taps, corr, cl, h, w, width, co, resize_scale(w, width, True),
-        *low.stride(), *corr.stride(),
+        low, weight_taps, corr, cl, h, w, height, width, co, resize_scale(h, height, True),
+        resize_scale(w, width, True), *low.stride(), *corr.stride(),
         WIDE=needs_wide_index((low, corr), (weight_taps,)), PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    # a 3-pixel side's one border row (column) is both edges': the pass reads one entry per axis
+    if height == 3:
+        corr[:, :, :width] += corr[:, :, width:2 * width]
+    if width == 3:
+        corr[:, :, 2 * width:2 * width + height] += corr[:, :, 2 * width + height:]
     return corr

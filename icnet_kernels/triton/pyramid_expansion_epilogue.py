@@ -113,11 +113,13 @@ def pooled_grids(y: torch.Tensor, tables: PyramidFoldTables) -> torch.Tensor:
     return torch.matmul(y.flatten(2).float(), tables.pool)
 
 
-def _tiles() -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps); one small tile under the interpreter."""
+def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps); one small tile under the interpreter. Each tile forms its
+    expansion weights and holds y's tile beside the product: 16-bit tiles take 8 warps to stay in the
+    registers; float32's full-precision dot, unrolled into scalar FMAs, takes a smaller reduction block."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 16, 1
-    return 64, 64, 64, 4
+    return (64, 64, 16, 4) if dtype == torch.float32 else (64, 64, 64, 8)
 
 
 def pyramid_expansion_epilogue_triton(y: torch.Tensor, grids: torch.Tensor, bias: torch.Tensor,
@@ -144,7 +146,7 @@ def pyramid_expansion_epilogue_triton(y: torch.Tensor, grids: torch.Tensor, bias
     out = torch.empty_like(y)
     if out.numel() == 0:
         return out
-    block_p, block_c, block_k, warps = _tiles()
+    block_p, block_c, block_k, warps = _tiles(y.dtype)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(c, block_c), n)
     _pyramid_expansion_epilogue_kernel[grid](
         y, grids, bias, out, tables.expand_h, tables.expand_w, tables.row_h, tables.row_w,

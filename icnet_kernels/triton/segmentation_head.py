@@ -97,14 +97,15 @@ def _segmentation_head_fwd_kernel(
                      mask=row_ok[:, None] & c_ok[None, :])
 
 
-def _tiles(num_classes: int, channels: int, width: int) -> tuple[int, int, int, int]:
+def _tiles(num_classes: int, channels: int, width: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_X, BLOCK_K, BLOCK_C, num_warps). tl.dot needs every block dimension >= 16. Under the
-    interpreter larger tiles mean fewer interpreted programs."""
+    interpreter larger tiles mean fewer interpreted programs. float32's full-precision dots unroll into
+    scalar FMAs: smaller tiles keep them in the registers."""
     block_c = max(16, triton.next_power_of_2(num_classes))
     if os.environ.get("TRITON_INTERPRET") == "1":
         return (max(16, min(128, triton.next_power_of_2(width))), max(16, min(128, triton.next_power_of_2(channels))),
                 block_c, 1)
-    return 64, 32, block_c, 4
+    return (32, 16, block_c, 4) if dtype == torch.float32 else (64, 32, block_c, 4)
 
 
 def segmentation_head_triton(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, zoom: int,
@@ -124,7 +125,7 @@ def segmentation_head_triton(features: torch.Tensor, weight: torch.Tensor, bias:
     if out.numel() == 0:
         return out
     weight_t = laid_out(weight, "transposed", lambda t: t.t().contiguous())  # K x C
-    block_x, block_k, block_c, num_warps = _tiles(c, k, width)
+    block_x, block_k, block_c, num_warps = _tiles(c, k, width, features.dtype)
     grid = (triton.cdiv(width, block_x), h, n)
     _segmentation_head_fwd_kernel[grid](
         features, weight_t, bias, out, k, h, w, c, height, width, *features.stride(), *out_strides,
