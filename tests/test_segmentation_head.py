@@ -67,7 +67,9 @@ def check_against_reference(features, weight, bias, zoom, backend, what=""):
     assert labels.dtype == torch.uint8 and labels.shape == (n, *logits.shape[2:])
     top2 = exact.topk(min(2, exact.shape[1]), dim=1).values
     margin = top2[:, 0] - top2[:, -1] if exact.shape[1] > 1 else torch.full_like(top2[:, 0], float("inf"))
-    clear = margin > 20 * ATOL[dtype] + 2 * (same_precision.double() - exact).abs().max()
+    # the logits' error budget B: two logits within it can swap only where their margin is under 2 B
+    budget = 2 * (same_precision.double() - exact).abs().max() + ATOL[dtype]
+    clear = margin > 3 * budget
     # A handful of pixels may all be near ties by chance (one pixel of three bfloat16 logits often is); on
     # larger maps a comparison that skipped most pixels would check little.
     assert clear.numel() < 32 or clear.float().mean() > 0.5, "the comparison must cover most pixels"
