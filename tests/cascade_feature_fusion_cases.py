@@ -9,6 +9,7 @@ from hypothesis import event, strategies as st
 
 from icnet_kernels import CascadeFeatureFusion, cascade_feature_fusion, cascade_feature_fusion_reference
 from icnet_kernels.cff_geometry import exact_shortcut, tap_first
+from icnet_kernels.ops.cascade_feature_fusion import fold_scale
 from tests.helpers import ATOL, LAYOUTS, assert_within_budget, in_layout, record_path
 
 INPUT_NAMES = ("low", "high", "weight_low", "weight_high", "scale_low", "shift_low", "scale_high", "shift_high")
@@ -209,6 +210,20 @@ def gradient_atol(exact: torch.Tensor, dtype: torch.dtype) -> float:
     largest = exact.abs().max().item()
     ulp = torch.finfo(dtype).eps * 2.0 ** torch.tensor(largest).log2().floor().item() if largest > 0 else 0.0
     return max(ATOL[dtype], ulp)
+
+
+def scale_gradient_atol(inputs64, grad_out, g: Geometry, name: str, dtype: torch.dtype) -> float:
+    """The budget of a BatchNorm scale's gradient beyond gradient_atol: the op folds the scale into its weight,
+    so the scale's gradient sum_k w[co, k] * G[co, k] takes the folded weight's gradient G rounded to dtype, one
+    rounding of up to half an ulp per element, each weighed by |w|. G sums over every pixel and is far larger
+    than the scale's gradient it makes up."""
+    side = name.removeprefix("scale_")
+    folded = {**inputs64, f"weight_{side}": fold_scale(inputs64[f"weight_{side}"], inputs64[name]),
+              name: torch.ones_like(inputs64[name])}
+    folded_grad = gradients(lambda t: reference(t, g), folded, grad_out)[f"weight_{side}"]
+    co = folded_grad.shape[0]
+    weight = inputs64[f"weight_{side}"].reshape(co, -1).abs()
+    return (torch.finfo(dtype).eps / 2 * (weight * folded_grad.reshape(co, -1).abs()).sum(1)).max().item()
 
 
 def gradients(fn, inputs, grad_out):
