@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/layout.h"
@@ -125,8 +126,8 @@ void blend_rows(const acc_t* top, const acc_t* bottom, acc_t s, acc_t* out, int6
   for (int64_t x = 0; x < count; ++x) out[x] = r * top[x] + s * bottom[x];
 }
 
-// The same into the output's dtype: blended in acc_t (into scratch, count long, where the dtypes differ),
-// then stored.
+// The same into the output's dtype: blended in acc_t (into scratch, count long, where the dtypes differ;
+// unused where they are the same), then stored.
 template <typename scalar_t, typename acc_t>
 void blend_rows_into(const acc_t* top, const acc_t* bottom, acc_t s, scalar_t* out, int64_t count, acc_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -146,7 +147,7 @@ void zoom_planes(const acc_t* low, scalar_t* out, int64_t planes, int64_t h, int
   const int64_t H = (h - 1) * zoom + 1, W = (w - 1) * zoom + 1;
   const std::vector<acc_t> t = zoom_fractions<acc_t>(zoom);
   at::parallel_for(0, planes * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(W), bottom(W), scratch(W);
+    std::vector<acc_t> top(W), bottom(W), scratch(std::is_same_v<scalar_t, acc_t> ? 0 : W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / h, i = task % h;
       const acc_t* row = low + (plane * h + i) * w;
@@ -167,7 +168,7 @@ void zoom_rows_channels_last(const acc_t* low, scalar_t* out, int64_t n, int64_t
   const int64_t H = (h - 1) * zoom + 1, W = (w - 1) * zoom + 1;
   const std::vector<acc_t> t = zoom_fractions<acc_t>(zoom);
   at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> top(W * c), bottom(W * c), scratch(W * c);
+    std::vector<acc_t> top(W * c), bottom(W * c), scratch(std::is_same_v<scalar_t, acc_t> ? 0 : W * c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / h, i = task % h;
       const acc_t* row = low + (image * h + i) * w * c;
