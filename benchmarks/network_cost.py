@@ -148,10 +148,10 @@ def count_bytes(model: nn.Module, image: torch.Tensor) -> dict[str, int]:
     convs = {id(conv): conv for module in ran for conv in module.modules() if isinstance(conv, nn.Conv2d)}
     # a convolution whose weight (or a view of it) a function read between units, as the fused head reads
     # its classifier's: the parameters are weights, not activations
+    read = {_storage(t) for t in reads.values()}
+    convs |= {id(conv): conv for conv in model.modules()
+              if isinstance(conv, nn.Conv2d) and _storage(conv.weight) in read}
     parameters = {_storage(p) for p in model.parameters()}
-    for conv in model.modules():
-        if isinstance(conv, nn.Conv2d) and any(_storage(t) == _storage(conv.weight) for t in reads.values()):
-            convs[id(conv)] = conv
     reads = {key: t for key, t in reads.items() if _storage(t) not in parameters}
     weights = sum((conv.weight.numel() + conv.out_channels) * conv.weight.element_size() for conv in convs.values())
     return {"image": _nbytes(image), "logits": _nbytes(logits), "weights": weights,
