@@ -76,10 +76,6 @@ def test_the_checker_sees_an_access_outside_the_tensors(monkeypatch):
     checker.check(np.array([x.data_ptr() + 4], dtype=np.uint64), np.array([False]), 4, "load")  # masked off
 
 
-def _layout(rng: random.Random, layouts=LAYOUTS) -> str:
-    return rng.choice(layouts)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_interpreted_kernels_stay_inside_their_tensors(monkeypatch, seed):
     from icnet_kernels.triton.pyramid_expansion_epilogue import (pooled_grids, pyramid_expansion_epilogue_triton,
@@ -93,7 +89,8 @@ def test_interpreted_kernels_stay_inside_their_tensors(monkeypatch, seed):
         g = Geometry(rng.randint(1, 2), rng.randint(1, 18), rng.randint(1, 18), rng.randint(1, 18), h, w, height,
                      width, 2 if shortcut else rng.randint(1, 3), shortcut or rng.random() < 0.5)
         inputs = make_inputs(g, seed=case)
-        inputs["low"], inputs["high"] = in_layout(inputs["low"], _layout(rng)), in_layout(inputs["high"], _layout(rng))
+        for name in ("low", "high"):
+            inputs[name] = in_layout(inputs[name], rng.choice(LAYOUTS))
         icnet_kernels.cascade_feature_fusion(**inputs, dilation=g.dilation, align_corners=g.align_corners,
                                              backend="triton")
 
@@ -103,17 +100,17 @@ def test_interpreted_kernels_stay_inside_their_tensors(monkeypatch, seed):
         n, ci, co = rng.randint(1, 2), rng.randint(1, 20), rng.randint(1, 20)
         size = (rng.randint(max(1, span - 2 * padding), 9), rng.randint(max(1, span - 2 * padding), 9))
         out_size = tuple((s + 2 * padding - span) // stride + 1 for s in size)
-        x = in_layout(torch.randn(n, ci, *size), _layout(rng))
+        x = in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS))
         residual = torch.randn(n, co, *out_size) if rng.random() < 0.5 else None
         icnet_kernels.conv2d_epilogue(x, torch.randn(co, ci, k, k), torch.randn(co), residual, stride, padding,
                                       dilation, True, rng.randint(1, 4), backend="triton")
-        icnet_kernels.max_pool(in_layout(torch.randn(n, ci, *size), _layout(rng)), 3, 2, 1, backend="triton")
-        features = in_layout(torch.randn(n, ci, *size), _layout(rng, ("contiguous", "channels_last")))
+        icnet_kernels.max_pool(in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS)), 3, 2, 1, backend="triton")
+        features = in_layout(torch.randn(n, ci, *size), rng.choice(("contiguous", "channels_last")))
         zoom = rng.randint(1, 4)
         icnet_kernels.segmentation_head(features, torch.randn(co, ci), torch.randn(co), zoom, backend="triton")
         icnet_kernels.segmentation_head_labels(features, torch.randn(co, ci), torch.randn(co), zoom, backend="triton")
         bins = tuple(sorted({min(b, *size) for b in (1, 2, 3, 6)}))
-        y = in_layout(torch.randn(n, ci, *size), _layout(rng))
+        y = in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS))
         tables = pyramid_fold_tables(*size, bins, align_corners=True)
         pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), torch.randn(ci), tables, True)
         icnet_kernels.pyramid_pool_sum(y, bins, None, None, align_corners=True, backend="triton")
