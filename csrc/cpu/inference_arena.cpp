@@ -1,10 +1,10 @@
 // A cache of large CPU blocks for inference, installed as torch's CPU allocator the first time it is used.
 //
 // torch's CPU allocator returns every block to the system and takes fresh pages for the next, so each
-// inference call faults in (and the kernel zeroes) every activation again. Inside a scope (enter/exit, counted per thread)
-// blocks of at least kMinBytes come from this cache and return to it when their tensors die, whenever
-// that is; ICNet's shapes repeat exactly from call to call, so blocks are kept by exact size. Everything
-// else, and every allocation outside a scope, goes to the allocator that was installed before.
+// inference call faults in (and the kernel zeroes) every activation again. Inside a scope (enter/exit,
+// counted per thread) blocks of at least kMinBytes come from this cache and return to it when their tensors
+// die, whenever that is; ICNet's shapes repeat exactly from call to call, so blocks are kept by exact size.
+// Everything else, and every allocation outside a scope, goes to the allocator that was installed before.
 #include "cpu/inference_arena.h"
 
 #include <c10/core/Allocator.h>

@@ -96,7 +96,7 @@ def pyramid_fold_tables(height: int, width: int, bins, kernel_sizes=None, stride
     kernel_sizes = None if kernel_sizes is None else tuple(tuple(p) for p in kernel_sizes)
     strides = None if strides is None else tuple(tuple(p) for p in strides)
     (pool_h, pool_w, expand_h, expand_w), _ = stacked_matrices(height, width, tuple(bins), kernel_sizes, strides,
-                                                                align_corners, torch.device(device or "cpu"))
+                                                               align_corners, torch.device(device or "cpu"))
     row_h, row_w, first = [], [], 0
     for n in bins:  # bin b's rows are first .. first + n - 1 of the stacked matrices on both axes
         row_h += [first + i for i in range(n) for _ in range(n)]

@@ -138,7 +138,7 @@ def uses_plan(device: torch.device, num_classes: int) -> bool:
 
 def model_labels(model: ICNet, x: torch.Tensor) -> torch.Tensor:
     """The model's class map of a preprocessed batch: [N, H, W] argmax of its logits (ICNet.predict_labels:
-    on the CPU the fused head writes the class map without storing the logits)."""
+    where the fused head runs, it writes the class map without storing the logits)."""
     return model.predict_labels(x)
 
 

@@ -140,8 +140,8 @@ class ICNet(nn.Module):
 
     def predict_labels(self, image: torch.Tensor) -> torch.Tensor:
         """The class map [N, H, W] of an eval-mode forward: its logits' argmax, uint8 for up to 256 classes
-        (else int64). Where the fused build's CPU head runs, its labels variant writes the class map alone
-        and the logits are never stored."""
+        (else int64). Where the fused build's head kernel runs (C++ on the CPU, Triton on a GPU), its labels
+        variant writes the class map alone and the logits are never stored."""
         if self.training:
             raise ValueError("predict_labels needs eval mode: in training the model returns the cascade outputs")
         return self._run(image, labels=True)
