@@ -44,29 +44,42 @@ def _tile(config: triton.Config) -> tuple[int, int, int, int, int]:
             config.num_stages)
 
 
+def _config(tile: tuple[int, int, int, int, int]) -> triton.Config:
+    bm, bn, bk, w, s = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+
+
 def _configs():
-    """Every tile the autotuner may try. ICNET_TRITON_AUTOTUNE=0 keeps the first tile of each list only
-    (the test suite sets it: each new shape would otherwise compile and time every tile)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    tune = os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0"
-    tiles = dict.fromkeys(tile for tiles in TILES.values() for tile in (tiles if tune else tiles[:1]))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
+    """Every tile the autotuner may try."""
+    return [_config(tile) for tile in dict.fromkeys(tile for tiles in TILES.values() for tile in tiles)]
+
+
+def _tuning() -> bool:
+    """Whether launches are autotuned. ICNET_TRITON_AUTOTUNE=0 (the test suite sets it: each new shape would
+    otherwise compile and time every tile) and the interpreter run a fixed tile instead."""
+    return os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _untuned_config(dtype: torch.dtype, gather: bool) -> triton.Config:
+    """The tile of an untuned launch: the first of its dtype's and pass's list (one small tile when
+    interpreted). Launched without the autotuner, which in some Triton versions times even a single tile."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)
+    return _config(TILES[_kind(dtype), "gather" if gather else "taps"][0])
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "float" if dtype == torch.float32 else "half"
 
 
 def _tiles_for_pass(configs, named_args, **kwargs):
     """Prunes the tile list to the tiles of the launch's dtype and pass (TILES)."""
-    kind = "float" if named_args["low_ptr"].dtype == torch.float32 else "half"
-    wanted = TILES[kind, "gather" if kwargs.get("ADD_GATHER") else "taps"]
+    wanted = TILES[_kind(named_args["low_ptr"].dtype), "gather" if kwargs.get("ADD_GATHER") else "taps"]
     return [c for c in configs if _tile(c) in wanted] or configs
 
 
-# Tuned per channel counts and pass (the dtype joins the key by itself). Sizes are not specialised on, so a
-# new image size reuses the compiled kernels; strides are (a multiple of 16 or not), which lets channels_last
-# tiles load and store 16 bytes at a time.
-@triton.autotune(configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "ADD_GATHER"],
-                 prune_configs_by={"early_config_prune": _tiles_for_pass})
+# Sizes are not specialised on, so a new image size reuses the compiled kernels; strides are (a multiple of
+# 16 or not), which lets channels_last tiles load and store 16 bytes at a time.
 @triton.jit(do_not_specialize=["h", "w", "H", "W", "num_pixels", "dilation"])
 def _cascade_feature_fusion_fwd_kernel(
     low_ptr, high_ptr, w_low_ptr, w_high_ptr, bias_ptr, gather_ptr, corr_ptr, out_ptr,
@@ -157,6 +170,12 @@ def _cascade_feature_fusion_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+# Tuned per channel counts and pass (the dtype joins the key by itself).
+_cascade_feature_fusion_fwd_tuned = triton.autotune(
+    configs=_configs(), key=["Cl", "Ch", "Co", "HAS_TAPS", "HAS_PROJ", "ADD_GATHER"],
+    prune_configs_by={"early_config_prune": _tiles_for_pass})(_cascade_feature_fusion_fwd_kernel)
+
+
 def _launch(low, high, w_low, w_high, bias, gather, corr, out, *, resize_to, dilation, align_corners,
             taps, proj, epilogue):
     n, co, height, width = out.shape
@@ -165,7 +184,10 @@ def _launch(low, high, w_low, w_high, bias, gather, corr, out, *, resize_to, dil
     dummy = out  # stands in for absent operands; never read
     grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]), n)  # noqa: E731
     ch = high.shape[1] if high is not None else 0
-    _cascade_feature_fusion_fwd_kernel[grid](
+    kernel, tile = _cascade_feature_fusion_fwd_tuned, {}
+    if not _tuning():
+        kernel, tile = _cascade_feature_fusion_fwd_kernel, _untuned_config(low.dtype, gather is not None).all_kwargs()
+    kernel[grid](
         low, high if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
         bias if bias is not None else dummy, gather if gather is not None else dummy,
         corr if corr is not None else dummy, out,
@@ -178,7 +200,7 @@ def _launch(low, high, w_low, w_high, bias, gather, corr, out, *, resize_to, dil
         ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj,
         ADD_GATHER=gather is not None, ADD_BORDER=corr is not None, EPILOGUE=epilogue,
         WIDE=needs_wide_index((low, high, gather, corr, out), (w_low, w_high)),
-        PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if low.dtype == torch.float32 else "tf32", **tile,
     )
 
 
