@@ -232,17 +232,29 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
     pending = []  # (row, callable, model) built but not yet timed
 
     def finish(built):
-        times = timing.time_together_ms({row["runner"]: (lambda fn=fn: fn(x)) for row, fn, _ in built}, device, effort)
+        """Times the built runners and writes their rows; a runner that fails only when timed (out of
+        memory under the timer's repetitions, say) gets a row that says so, and the runners after it run."""
+        times, failures = timing.time_or_fail({row["runner"]: (lambda fn=fn: fn(x)) for row, fn, _ in built},
+                                              device, effort)
         for row, _, model in built:
+            if row["runner"] in failures:
+                row["error"] = f"while timed: {failures[row['runner']]}"
+                log.warning("  failed %s", row["error"])
+                on_row(row)
+                continue
             p20, p50, p80 = times[row["runner"]]
             row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "fps": config.batch * 1e3 / p50}
             row |= cost | _roofline_fields(cost, p50, peaks, row["dtype"])
             if row["runner"] in EAGER_RUNNERS:
                 log.info("  layer groups: %s", row["runner"])
-                row["layer_groups_ms"] = layer_groups.layer_group_ms(model, x, LAYER_GROUP_CALLS[device.type])
-                if device.type == "cuda":
-                    row["layer_groups_kernel_ms"] = layer_groups.layer_group_kernel_ms(
-                        model, x, LAYER_GROUP_CALLS[device.type])
+                try:
+                    row["layer_groups_ms"] = layer_groups.layer_group_ms(model, x, LAYER_GROUP_CALLS[device.type])
+                    if device.type == "cuda":
+                        row["layer_groups_kernel_ms"] = layer_groups.layer_group_kernel_ms(
+                            model, x, LAYER_GROUP_CALLS[device.type])
+                except Exception as exc:  # the row keeps its times
+                    row["layer_groups_error"] = timing.error_text(exc)
+                    log.warning("  layer groups failed: %s", row["layer_groups_error"])
             on_row(row)
 
     with torch.inference_mode():
@@ -261,7 +273,7 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                 if getattr(model, "fused", False):
                     row["epilogue_fallbacks"] = epilogue_fallbacks(model)
             except Exception as exc:  # a failing runner gets a row that says why
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                row["error"] = timing.error_text(exc)
                 log.warning("  failed: %s", row["error"])
                 on_row(row)
                 continue

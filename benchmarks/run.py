@@ -85,11 +85,15 @@ def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.E
             row |= _errors(fn(*inputs), expected)
             ready[provider] = fn
         except Exception as exc:  # one broken provider must not cost the other rows; its row says why
-            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            row["error"] = timing.error_text(exc)
             log.warning("  failed: %s", row["error"])
         rows.append(row)
-    times = timing.time_together_ms({name: (lambda fn=fn: fn(*inputs)) for name, fn in ready.items()}, device, effort)
+    times, failures = timing.time_or_fail({name: (lambda fn=fn: fn(*inputs)) for name, fn in ready.items()},
+                                          device, effort)
     for row in rows:
+        if row["provider"] in failures:
+            row["error"] = f"while timed: {failures[row['provider']]}"
+            log.warning("  %s failed %s", row["provider"], row["error"])
         if row["provider"] in times:
             p20, p50, p80 = times[row["provider"]]
             row |= {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80} | _throughput(case, p50, copy_gbps,

@@ -83,6 +83,30 @@ def time_together_ms(fns: dict[str, Callable[[], object]], device: torch.device,
             for name, times in samples.items()}
 
 
+
+def error_text(exc: BaseException) -> str:
+    """The first line of an exception, as a result row's "error" gives it."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def time_or_fail(fns: dict[str, Callable[[], object]], device: torch.device,
+                 effort: Effort) -> tuple[dict[str, tuple[float, float, float]], dict[str, str]]:
+    """time_together_ms, and the error of each function that raised while timed (out of memory under a
+    timer's repetitions, say) in place of its times, so that one failure does not end the comparison. On a
+    GPU each function is timed alone and fails alone; on the CPU, where they take turns, all fail together."""
+    if device.type != "cuda":
+        try:
+            return time_together_ms(fns, device, effort), {}
+        except Exception as exc:
+            return {}, dict.fromkeys(fns, error_text(exc))
+    times, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            times[name] = _time_cuda_ms(fn, effort)
+        except Exception as exc:
+            errors[name] = error_text(exc)
+    return times, errors
+
 def copy_gbps(moved_bytes: int, device: torch.device, effort: Effort) -> float:
     """Achieved GB/s of dst.copy_(src) moving moved_bytes, or MIN_COPY_BYTES if more (read plus write).
 

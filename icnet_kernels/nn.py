@@ -38,18 +38,25 @@ class PyramidPoolingSum(nn.Module):
 class InferenceCache:
     """A value computed from some tensors (a module's parameters and buffers), kept between inference calls
     and recomputed when any of them is replaced or changed in place (its data pointer or version moves).
-    With autograd recording or under torch.compile the value is always recomputed, so it stays in the graph."""
+    With autograd recording or under torch.compile the value is always recomputed, so it stays in the graph.
+
+    The kept value is computed outside inference mode, so it is an ordinary tensor whose own changes the
+    caches built on it (the Triton kernels' weight layouts) can follow. Inference tensors (a module created
+    under torch.inference_mode) keep no version counter: from those the value is computed on every call."""
 
     def __init__(self):
         self._key = None
         self._value = None
 
     def get(self, tensors, compute, *extra_key):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        tensors = [t for t in tensors if t is not None]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
             return compute()
-        key = (tuple((t.data_ptr(), t._version) for t in tensors if t is not None), extra_key)
+        key = (tuple((t.data_ptr(), t._version) for t in tensors), extra_key)
         if self._key != key:
-            self._value, self._key = compute(), key
+            with torch.inference_mode(False), torch.no_grad():
+                self._value = compute()
+            self._key = key
         return self._value
 
 

@@ -206,7 +206,7 @@ def summarize_rows(path: Path) -> dict:
         return {"rows": 0, "unreadable": f"{type(exc).__name__}: {exc}"}
     keep = ("op", "variant", "shape", "mode", "batch", "dtype", "layout", "provider", "runner", "p50_ms",
             "compile_s", "max_rel_err", "argmax_agreement", "speedup_vs_eager", "speedup_vs_reference_eager",
-            "epilogue_fallbacks", "error")
+            "epilogue_fallbacks", "layer_groups_error", "error")
     return {"rows": len(rows), "errors": sum("error" in row for row in rows),
             "table": [{key: row[key] for key in keep if key in row} for row in rows]}
 

@@ -42,7 +42,8 @@ def nan_device_memory():
     """Fills the CUDA caching allocator's free memory with NaN: a large block and many small ones (the
     allocator serves requests up to 1 MiB from a pool of its own) are filled and freed but stay cached, so
     the test's allocations, internal buffers that no torch.empty poisons included, reuse NaN memory and an
-    uninitialised read shows as NaN."""
+    uninitialised read shows as NaN. torch.cuda.graph empties that cache before a capture, so inside a graph
+    it is poison_uninitialized_outputs' NaN fill of every torch.empty* (captured, and replayed) that shows."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     large = torch.full((2**30,), float("nan"), dtype=torch.float32, device="cuda")  # 4 GiB

@@ -354,3 +354,34 @@ def test_network_cost_counts_the_fused_build_whatever_backend_is_forced(monkeypa
     expected = network_cost.icnet_cost("sub24", 1, torch.float32, torch.contiguous_format, (97, 161))
     monkeypatch.setenv("ICNET_BACKEND", "triton")
     assert network_cost.icnet_cost("sub24", 1, torch.float32, torch.contiguous_format, (97, 161)) == expected
+
+
+def _out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+
+def test_on_a_gpu_a_function_failing_when_timed_fails_alone(monkeypatch):
+    monkeypatch.setattr(icnet_e2e.timing, "_time_cuda_ms", lambda fn, effort: (fn(), (1.0, 2.0, 3.0))[1])
+    times, errors = icnet_e2e.timing.time_or_fail({"a": lambda: None, "b": _out_of_memory, "c": lambda: None},
+                                                  torch.device("cuda"), icnet_e2e.timing.QUICK)
+    assert times == {"a": (1.0, 2.0, 3.0), "c": (1.0, 2.0, 3.0)}
+    assert errors == {"b": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+
+
+def test_on_the_cpu_functions_timed_in_turns_fail_together():
+    times, errors = icnet_e2e.timing.time_or_fail({"a": lambda: None, "b": _out_of_memory}, torch.device("cpu"),
+                                                  icnet_e2e.timing.QUICK)
+    assert times == {} and set(errors) == {"a", "b"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_runner_failing_when_timed_gets_a_row_that_says_so(monkeypatch):
+    def out_of_memory(fns, device, effort):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(icnet_e2e.timing, "time_together_ms", out_of_memory)
+    rows = _tiny_run(monkeypatch, {"reference-eager": icnet_e2e.Runner(lambda models: models["reference"]),
+                                   "fused-eager": icnet_e2e.Runner(lambda models: models["fused"])})
+    assert [row["runner"] for row in rows] == ["reference-eager", "fused-eager"]
+    assert all(row["error"] == "while timed: OutOfMemoryError: CUDA out of memory" and "p50_ms" not in row
+               for row in rows)

@@ -138,6 +138,57 @@ def test_cached_inference_call_dispatches_the_fused_op_alone(backend, device):
     assert torch.equal(first, second)
 
 
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_inference_mode_gives_the_no_grad_answer_and_keeps_the_folded_weights(backend, device):
+    """Under inference mode the kept folded weights are ordinary tensors: the Triton kernels' laid-out copies
+    follow their versions, which inference tensors do not have."""
+    module = random_module(5, 3, 6, backend=backend, seed=8).to(device).eval()
+    low, high = torch.randn(2, 5, 4, 6, device=device), torch.randn(2, 3, 7, 11, device=device)
+    with torch.no_grad():
+        expected = module(low, high)
+    module._folded = type(module._folded)()  # fold again, this time under inference mode
+    with torch.inference_mode():
+        first, second = module(low, high), module(low, high)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert not any(t.is_inference() for t in module._folded._value)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_a_module_made_under_inference_mode_folds_on_every_call(backend, device):
+    """Its parameters are inference tensors, whose in-place changes leave no trace: nothing may be kept."""
+    with torch.inference_mode():
+        module = random_module(5, 3, 6, backend=backend, seed=9).to(device).eval()
+        low, high = torch.randn(1, 5, 4, 6, device=device), torch.randn(1, 3, 7, 11, device=device)
+        module(low, high)
+        module.conv_high.weight.add_(0.5)
+        out = module(low, high)
+        expected = composition(module, low, high)
+        exact = composition(copy.deepcopy(module).double(), low.double(), high.double())
+    assert_within_budget(out, exact, expected, ATOL[torch.float32], "after an in-place change")
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_the_op_follows_in_place_changes_of_inference_tensor_weights(backend, device):
+    """Weights made under inference mode keep no version counter: no laid-out copy of them may be kept."""
+    gen = torch.Generator().manual_seed(10)
+    with torch.inference_mode():
+        low, high = (torch.randn(1, 5, 4, 6, generator=gen).to(device),
+                     torch.randn(1, 3, 7, 11, generator=gen).to(device))
+        w_low, w_high = (torch.randn(6, 5, 3, 3, generator=gen).to(device),
+                         torch.randn(6, 3, 1, 1, generator=gen).to(device))
+        icnet_kernels.cascade_feature_fusion(low, high, w_low, w_high, backend=backend)  # no BatchNorm: as given
+        w_low.mul_(-1.0)
+        w_high.add_(0.5)
+        out = icnet_kernels.cascade_feature_fusion(low, high, w_low, w_high, backend=backend)
+        one, zero = torch.ones(6, device=device), torch.zeros(6, device=device)
+        ordered = (w_low, one, zero, w_high, one, zero)
+        exact = icnet_kernels.cascade_feature_fusion_reference(low.double(), high.double(),
+                                                               *(t.double() for t in ordered))
+        same = icnet_kernels.cascade_feature_fusion_reference(low, high, *ordered)
+    assert_within_budget(out, exact, same, ATOL[torch.float32], "after an in-place change")
+
+
 def test_kept_folded_weights_follow_parameter_changes():
     module = random_module(5, 3, 6, seed=7).eval()
     low, high = torch.randn(1, 5, 4, 6), torch.randn(1, 3, 7, 11)

@@ -232,3 +232,16 @@ def test_goal_cases_are_float16_icnet_geometry_at_both_batches():
     ppm = [case for case in chosen if case.op == pyramid_pool_sum.NAME]
     assert {case.shape[0] for case in ppm} == {1, 16} and {case.variant for case in ppm} == {"adaptive",
                                                                                               "icnet-explicit"}
+
+
+def test_an_op_provider_failing_when_timed_gets_a_row_that_says_so(monkeypatch):
+    def out_of_memory(fns, device, effort):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(run.timing, "time_together_ms", out_of_memory)
+    cpu = torch.device("cpu")
+    case = pyramid_pool_sum.cases(cpu, True)[0]
+    rows = run.run_case(pyramid_pool_sum, case, cpu, run.timing.QUICK, 1.0, {"float32": 1.0}, ["eager", "icnet-native"])
+    assert [row["provider"] for row in rows] == ["eager", "icnet-native"]
+    assert all(row["error"] == "while timed: OutOfMemoryError: CUDA out of memory" and "p50_ms" not in row
+               for row in rows)

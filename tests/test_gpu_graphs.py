@@ -34,6 +34,14 @@ def test_weights_version_follows_writes_moves_and_replacements():
     assert weights_version(modules) != loaded
 
 
+
+def test_a_model_of_inference_tensors_is_refused_by_name():
+    """Their in-place changes leave no trace, so a graph could not know to capture again."""
+    with torch.inference_mode():
+        model = ICNet(mode="sub4", width=0.25).eval()
+    with pytest.raises(ValueError, match=r"model: \S+ is an inference tensor"):
+        CudaGraphRunner(model, torch.randn(1, 3, 33, 65))
+
 def _model(dtype, layout, backend=None):
     torch.manual_seed(0)
     model = randomize_batch_norm(ICNet(mode="sub124")).eval().to(device="cuda", dtype=dtype, memory_format=layout)

@@ -2,7 +2,8 @@
 
 A module that folds its BatchNorm keeps the folded tensor between inference calls (nn.InferenceCache), so
 keeping the re-laid-out copy on that tensor makes a cached call launch the kernels alone. The copy is made
-again when the tensor changes in place (its version moves) and dies with the tensor.
+again when the tensor changes in place (its version moves) and dies with the tensor. An inference tensor
+keeps no version counter, so its copy is made on every call.
 """
 
 import torch
@@ -10,7 +11,7 @@ import torch
 
 def laid_out(weight: torch.Tensor, name: str, make) -> torch.Tensor:
     """make(weight), remembered on weight under name until weight changes."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() and weight.requires_grad:
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and weight.requires_grad or weight.is_inference():
         return make(weight)
     layouts = weight.__dict__.setdefault("_icnet_layouts", {})
     kept = layouts.get(name)
