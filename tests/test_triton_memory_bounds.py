@@ -83,12 +83,17 @@ def test_interpreted_kernels_stay_inside_their_tensors(monkeypatch, seed):
     checker = BoundsChecker(monkeypatch)
     rng = random.Random(seed)
     for case in range(6):
+        dtype = rng.choice((torch.float32, torch.float16))  # 16-bit elements: other strides and tiles
+
+        def randn(*shape):
+            return torch.randn(*shape).to(dtype)
+
         h, w = rng.randint(2, 6), rng.randint(2, 6)
         shortcut = case % 2 == 0
         height, width = (2 * h - 1, 2 * w - 1) if shortcut else (rng.randint(h, 2 * h + 2), rng.randint(w, 2 * w + 2))
         g = Geometry(rng.randint(1, 2), rng.randint(1, 18), rng.randint(1, 18), rng.randint(1, 18), h, w, height,
                      width, 2 if shortcut else rng.randint(1, 3), shortcut or rng.random() < 0.5)
-        inputs = make_inputs(g, seed=case)
+        inputs = make_inputs(g, dtype, seed=case)
         for name in ("low", "high"):
             inputs[name] = in_layout(inputs[name], rng.choice(LAYOUTS))
         icnet_kernels.cascade_feature_fusion(**inputs, dilation=g.dilation, align_corners=g.align_corners,
@@ -100,18 +105,18 @@ def test_interpreted_kernels_stay_inside_their_tensors(monkeypatch, seed):
         n, ci, co = rng.randint(1, 2), rng.randint(1, 20), rng.randint(1, 20)
         size = (rng.randint(max(1, span - 2 * padding), 9), rng.randint(max(1, span - 2 * padding), 9))
         out_size = tuple((s + 2 * padding - span) // stride + 1 for s in size)
-        x = in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS))
-        residual = torch.randn(n, co, *out_size) if rng.random() < 0.5 else None
-        icnet_kernels.conv2d_epilogue(x, torch.randn(co, ci, k, k), torch.randn(co), residual, stride, padding,
+        x = in_layout(randn(n, ci, *size), rng.choice(LAYOUTS))
+        residual = randn(n, co, *out_size) if rng.random() < 0.5 else None
+        icnet_kernels.conv2d_epilogue(x, randn(co, ci, k, k), randn(co), residual, stride, padding,
                                       dilation, True, rng.randint(1, 4), backend="triton")
-        icnet_kernels.max_pool(in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS)), 3, 2, 1, backend="triton")
-        features = in_layout(torch.randn(n, ci, *size), rng.choice(("contiguous", "channels_last")))
+        icnet_kernels.max_pool(in_layout(randn(n, ci, *size), rng.choice(LAYOUTS)), 3, 2, 1, backend="triton")
+        features = in_layout(randn(n, ci, *size), rng.choice(("contiguous", "channels_last")))
         zoom = rng.randint(1, 4)
-        icnet_kernels.segmentation_head(features, torch.randn(co, ci), torch.randn(co), zoom, backend="triton")
-        icnet_kernels.segmentation_head_labels(features, torch.randn(co, ci), torch.randn(co), zoom, backend="triton")
+        icnet_kernels.segmentation_head(features, randn(co, ci), randn(co), zoom, backend="triton")
+        icnet_kernels.segmentation_head_labels(features, randn(co, ci), randn(co), zoom, backend="triton")
         bins = tuple(sorted({min(b, *size) for b in (1, 2, 3, 6)}))
-        y = in_layout(torch.randn(n, ci, *size), rng.choice(LAYOUTS))
+        y = in_layout(randn(n, ci, *size), rng.choice(LAYOUTS))
         tables = pyramid_fold_tables(*size, bins, align_corners=True)
-        pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), torch.randn(ci), tables, True)
+        pyramid_expansion_epilogue_triton(y, pooled_grids(y, tables), randn(ci), tables, True)
         icnet_kernels.pyramid_pool_sum(y, bins, None, None, align_corners=True, backend="triton")
     assert checker.accesses > 0  # the kernels ran through the checked load and store
