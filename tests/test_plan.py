@@ -1,6 +1,7 @@
 """The inference plan's CPU twin against the reference build, and the exact geometry it relies on: strided
 shrinks equal to Caffe's shrink-2, and the head's two resizes equal to one integer zoom."""
 
+import copy
 import functools
 
 import pytest
@@ -96,6 +97,34 @@ def test_plan_matches_the_reference_build_at_an_exact_size(mode):
 def test_plan_matches_the_reference_build(mode, size, layout):
     check_plan(mode, size, layout, seed=1)
 
+
+
+@pytest.mark.parametrize("choices", [None, "triton"], ids=["cpu-choices", "gpu-like-triton"])
+def test_a_float16_channels_last_plan_matches_the_float64_reference(choices):
+    """The GPU goals' dtype and layout on the CPU, with the CPU's choices, and with the Triton kernels a GPU
+    plan runs (interpreted): pyramid pooling folded into conv5_4, a fusion unit's shortcut, a dilated 3x3
+    and a bottleneck's increase with its residual (the interpreter makes more take minutes). bfloat16 only
+    on a GPU: the interpreter's bfloat16 dot products are wrong."""
+    torch.manual_seed(2)  # a quarter of the channels: the interpreted kernels take seconds, not minutes
+    model = randomize_batch_norm(ICNet(mode="sub124", fused=False, width=0.25), 2).eval()
+    image = torch.randn(1, 3, *EXACT, generator=torch.Generator().manual_seed(2)) * 60
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+    x = image.half().contiguous(memory_format=torch.channels_last)
+    if choices == "triton":
+        choices = {"ppm": "fold", "cff_sub24": "triton", "conv4.1.conv3x3": "triton", "conv5.2.increase": "triton"}
+    plan = InferencePlan(model, x, choices=choices)
+    with DispatchedOps() as recorder:
+        logits = plan(x)
+    if choices:
+        assert recorder.names.count("conv2d_epilogue_triton") == 2
+        assert recorder.names.count("cascade_feature_fusion_triton") == 1 and "pyramid_pool_sum" not in recorder.names
+    assert logits.dtype == torch.float16 and logits.is_contiguous(memory_format=torch.channels_last)
+    assert (logits.double() - exact).abs().max().item() <= 0.05 * exact.abs().max().item()
+    assert (logits.argmax(1) == exact.argmax(1)).float().mean() >= 0.99
+    if not choices:  # the labels head is the same in both
+        labels = InferencePlan(model, x, labels=True)(x)
+        assert labels.dtype == torch.uint8 and (labels == exact.argmax(1)).float().mean() >= 0.99
 
 def ops_of_a_call(plan, image):
     with DispatchedOps() as recorder:
