@@ -28,7 +28,8 @@ def _git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of package, None where it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -44,7 +45,7 @@ def meta(device: torch.device, copy_gbps: float, dense_tflops: dict[str, dict[st
         "device_kind": device.type,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "git_commit": _git_commit(),

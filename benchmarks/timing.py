@@ -83,7 +83,6 @@ def time_together_ms(fns: dict[str, Callable[[], object]], device: torch.device,
             for name, times in samples.items()}
 
 
-
 def error_text(exc: BaseException) -> str:
     """The first line of an exception, as a result row's "error" gives it."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -106,6 +105,7 @@ def time_or_fail(fns: dict[str, Callable[[], object]], device: torch.device,
         except Exception as exc:
             errors[name] = error_text(exc)
     return times, errors
+
 
 def copy_gbps(moved_bytes: int, device: torch.device, effort: Effort) -> float:
     """Achieved GB/s of dst.copy_(src) moving moved_bytes, or MIN_COPY_BYTES if more (read plus write).

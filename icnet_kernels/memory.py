@@ -4,7 +4,8 @@ torch's CPU allocator hands every freed block back to the system, so each infere
 for its activations and the kernel zeroes them on first touch. Inside `reused_cpu_memory()` blocks of at
 least 1 MiB come from a cache kept by the extension (installed as torch's CPU allocator the first time a
 scope opens; everything outside scopes still goes to the allocator before it) and return to that cache
-when their tensors are freed, whenever that is. A tensor made inside a scope is an ordinary tensor: it keeps its memory as long as it lives.
+when their tensors are freed, whenever that is. A tensor made inside a scope is an ordinary tensor: it
+keeps its memory as long as it lives.
 
 The cache holds what freed blocks it has (at most 4 GiB); `release_cpu_memory()` gives them back.
 ICNET_CPU_MEMORY_REUSE=0 turns reuse off, and without the compiled extension the scope does nothing.

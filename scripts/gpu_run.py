@@ -84,14 +84,9 @@ else:
     info["device"] = report.device_name(torch.device("cpu"))
 info["packages"] = {name: importlib.util.find_spec(name) is not None
                     for name in ("xdist", "pytest_timeout", "hypothesis", "cityscapesscripts", "matplotlib")}
-from importlib import metadata
+from benchmarks.report import package_version
 # the build runs without isolation, on these: the SPDX license in pyproject.toml needs setuptools 77
-info["versions"] = {}
-for name in ("setuptools", "numpy", "cmake", "ninja"):
-    try:
-        info["versions"][name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-        info["versions"][name] = None
+info["versions"] = {name: package_version(name) for name in ("setuptools", "numpy", "cmake", "ninja")}
 import icnet_kernels
 info["extension"] = {"native": icnet_kernels.native_available(), "cuda": icnet_kernels.native_cuda_available()}
 print(json.dumps(info))

@@ -60,16 +60,16 @@ def _tuning() -> bool:
     return os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def _kind(dtype: torch.dtype) -> str:
+    return "float" if dtype == torch.float32 else "half"
+
+
 def _untuned_config(dtype: torch.dtype, gather: bool) -> triton.Config:
     """The tile of an untuned launch: the first of its dtype's and pass's list (one small tile when
     interpreted). Launched without the autotuner, which in some Triton versions times even a single tile."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)
     return _config(TILES[_kind(dtype), "gather" if gather else "taps"][0])
-
-
-def _kind(dtype: torch.dtype) -> str:
-    return "float" if dtype == torch.float32 else "half"
 
 
 def _tiles_for_pass(configs, named_args, **kwargs):

@@ -1,5 +1,6 @@
 """Fixed-shape inference through a captured CUDA graph: one launch per forward pass instead of hundreds."""
 
+import itertools
 import logging
 
 import torch
@@ -15,12 +16,6 @@ def weights_version(modules: list[torch.nn.Module]) -> tuple:
                  for tensors in (module._parameters, module._buffers) for t in tensors.values() if t is not None)
 
 
-def _weights(model: torch.nn.Module):
-    """(name, tensor) of every parameter and buffer of model."""
-    yield from model.named_parameters()
-    yield from ((name, t) for name, t in model.named_buffers() if t is not None)
-
-
 class CudaGraphRunner:
     """Captures model(x) for x's shape, dtype and layout; calling it copies the input in and replays.
 
@@ -31,7 +26,8 @@ class CudaGraphRunner:
     """
 
     def __init__(self, model: torch.nn.Module, example: torch.Tensor, warmup: int = 3, recapture: bool = True):
-        untracked = next((name for name, t in _weights(model) if t.is_inference()), None)
+        untracked = next((name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                          if t.is_inference()), None)
         if untracked is not None:
             raise ValueError(f"model: {untracked} is an inference tensor (made under torch.inference_mode), whose "
                              "changes cannot be seen, so a graph could replay stale weights; create or load the "
