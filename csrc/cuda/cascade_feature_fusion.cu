@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "common/cff_args.h"
@@ -55,7 +56,8 @@ __global__ void __launch_bounds__(kThreads)
 cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const scalar_t* __restrict__ high,
                          const T* __restrict__ w_low,   // [9 * Cl, Co]
                          const T* __restrict__ w_high,  // [Ch, Co]
-                         const T* __restrict__ bias, const T* __restrict__ gather, out_t* __restrict__ out) {
+                         const T* __restrict__ bias, const T* __restrict__ gather, out_t* __restrict__ out,
+                         int64_t first_item) {
   __shared__ T a_tile[kTileK][kTileM];
   __shared__ T b_tile[kTileK][kTileN];
   // per pixel and tap: the four bilinear source offsets into a low plane and their weights (0 outside);
@@ -65,7 +67,7 @@ cff_implicit_gemm_kernel(CffLaunch p, const scalar_t* __restrict__ low, const sc
   __shared__ int64_t pixel_y[kTileM], pixel_x[kTileM];
 
   const int tid = threadIdx.x;
-  const int64_t n = blockIdx.z;
+  const int64_t n = first_item + blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t co0 = static_cast<int64_t>(blockIdx.y) * kTileN;
 
@@ -192,12 +194,18 @@ template <typename scalar_t, typename T, typename out_t>
 void launch(const CffLaunch& p, int64_t batch, const at::Tensor& low, const at::Tensor* high, const at::Tensor& w_low,
             const at::Tensor* w_high, const at::Tensor* bias, const at::Tensor* gather, at::Tensor& out,
             cudaStream_t stream) {
-  const dim3 grid((p.num_pixels + kTileM - 1) / kTileM, (p.Co + kTileN - 1) / kTileN, batch);
-  cff_implicit_gemm_kernel<scalar_t, T, out_t><<<grid, kThreads, 0, stream>>>(
-      p, low.const_data_ptr<scalar_t>(), high ? high->const_data_ptr<scalar_t>() : nullptr, w_low.const_data_ptr<T>(),
-      w_high ? w_high->const_data_ptr<T>() : nullptr, bias ? bias->const_data_ptr<T>() : nullptr,
-      gather ? gather->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<out_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // CUDA caps a grid's z dimension at 65535 blocks: a larger batch is launched in parts of that many items
+  constexpr int64_t kMaxGridZ = 65535;
+  for (int64_t first = 0; first < batch; first += kMaxGridZ) {
+    const dim3 grid((p.num_pixels + kTileM - 1) / kTileM, (p.Co + kTileN - 1) / kTileN,
+                    static_cast<unsigned>(std::min(kMaxGridZ, batch - first)));
+    cff_implicit_gemm_kernel<scalar_t, T, out_t><<<grid, kThreads, 0, stream>>>(
+        p, low.const_data_ptr<scalar_t>(), high ? high->const_data_ptr<scalar_t>() : nullptr,
+        w_low.const_data_ptr<T>(), w_high ? w_high->const_data_ptr<T>() : nullptr,
+        bias ? bias->const_data_ptr<T>() : nullptr, gather ? gather->const_data_ptr<T>() : nullptr,
+        out.mutable_data_ptr<out_t>(), first);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 at::Tensor cascade_feature_fusion_cuda(const at::Tensor& low, const at::Tensor& high, const at::Tensor& weight_low,
@@ -205,7 +213,6 @@ at::Tensor cascade_feature_fusion_cuda(const at::Tensor& low, const at::Tensor& 
                                        bool align_corners) {
   const CffShape s = make_cff_shape(low, high, weight_low, weight_high, bias, dilation, align_corners);
   if (cff_shortcut_dense_applies(low, s)) return cff_shortcut_dense_cuda(low, high, weight_low, weight_high, bias, s);
-  TORCH_CHECK(s.N <= 65535, "cascade_feature_fusion: a batch of ", s.N, " exceeds the CUDA grid (65535)");
   TORCH_CHECK(low.stride(2) * (s.h - 1) + low.stride(3) * (s.w - 1) < std::numeric_limits<int32_t>::max(),
               "cascade_feature_fusion: low's planes are too large for 32-bit offsets");
   at::Tensor out = at::empty({s.N, s.Co, s.H, s.W}, high.options().memory_format(cff_output_format(high)));

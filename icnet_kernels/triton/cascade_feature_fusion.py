@@ -20,7 +20,8 @@ import triton.language as tl
 
 from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
 from icnet_kernels.triton.cff_shortcut_border import shortcut_border_corrections
-from icnet_kernels.triton.index_math import in_image_index, needs_wide_index, resize_scale, source_index
+from icnet_kernels.triton.index_math import (batch_slices, in_image_index, launch_grid, needs_wide_index, resize_scale,
+                                            source_index)
 from icnet_kernels.triton.weight_layout import laid_out
 
 
@@ -176,32 +177,41 @@ _cascade_feature_fusion_fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _tiles_for_pass})(_cascade_feature_fusion_fwd_kernel)
 
 
+def _items(t: torch.Tensor | None, items: slice) -> torch.Tensor | None:
+    return None if t is None else t[items]
+
+
 def _launch(low, high, w_low, w_high, bias, gather, corr, out, *, resize_to, dilation, align_corners,
             taps, proj, epilogue):
     n, co, height, width = out.shape
     cl, h, w = low.shape[1:]
     num_pixels = height * width
-    dummy = out  # stands in for absent operands; never read
-    grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]), n)  # noqa: E731
     ch = high.shape[1] if high is not None else 0
     kernel, tile = _cascade_feature_fusion_fwd_tuned, {}
     if not _tuning():
         kernel, tile = _cascade_feature_fusion_fwd_kernel, _untuned_config(low.dtype, gather is not None).all_kwargs()
-    kernel[grid](
-        low, high if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
-        bias if bias is not None else dummy, gather if gather is not None else dummy,
-        corr if corr is not None else dummy, out,
-        cl, h, w, ch, height, width, co, num_pixels, dilation,
-        resize_scale(h, resize_to[0], align_corners), resize_scale(w, resize_to[1], align_corners),
-        resize_scale(h, height, True), resize_scale(w, width, True),
-        *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
-        *(gather.stride() if gather is not None else (0, 0, 0, 0)),
-        *(corr.stride() if corr is not None else (0, 0, 0)), *out.stride(),
+    constants = dict(
         ALIGN=align_corners, RESIZE=(h, w) != tuple(resize_to), HAS_TAPS=taps, HAS_PROJ=proj,
         ADD_GATHER=gather is not None, ADD_BORDER=corr is not None, EPILOGUE=epilogue,
         WIDE=needs_wide_index((low, high, gather, corr, out), (w_low, w_high)),
-        PRECISION="ieee" if low.dtype == torch.float32 else "tf32", **tile,
-    )
+        PRECISION="ieee" if low.dtype == torch.float32 else "tf32", **tile)
+    for items in batch_slices(n):
+        low_i, high_i, gather_i, corr_i, out_i = (_items(t, items) for t in (low, high, gather, corr, out))
+        grid = lambda meta, batch=out_i.shape[0]: launch_grid(  # noqa: E731
+            "cascade_feature_fusion", (triton.cdiv(num_pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]),
+                                       batch), ("output pixels", "output channels", "batch items"))
+        dummy = out_i  # stands in for absent operands; never read
+        kernel[grid](
+            low_i, high_i if high is not None else dummy, w_low, w_high if w_high is not None else dummy,
+            bias if bias is not None else dummy, gather_i if gather is not None else dummy,
+            corr_i if corr is not None else dummy, out_i,
+            cl, h, w, ch, height, width, co, num_pixels, dilation,
+            resize_scale(h, resize_to[0], align_corners), resize_scale(w, resize_to[1], align_corners),
+            resize_scale(h, height, True), resize_scale(w, width, True),
+            *low.stride(), *(high.stride() if high is not None else (0, 0, 0, 0)),
+            *(gather.stride() if gather is not None else (0, 0, 0, 0)),
+            *(corr.stride() if corr is not None else (0, 0, 0)), *out.stride(), **constants,
+        )
 
 
 def _taps_by_out_channels(weight_low: torch.Tensor) -> torch.Tensor:

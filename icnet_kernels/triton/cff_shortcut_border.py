@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from icnet_kernels.triton.index_math import in_image_index, needs_wide_index, resize_scale, source_index
+from icnet_kernels.triton.index_math import (batch_slices, in_image_index, launch_grid, needs_wide_index, resize_scale,
+                                            source_index)
 
 EDGES = tl.constexpr(4)  # top, bottom, left, right, in the corrections tensor's order
 
@@ -118,12 +119,16 @@ def shortcut_border_corrections(low: torch.Tensor, weight_taps: torch.Tensor, he
     if corr.numel() == 0:
         return corr
     block_m, block_n, block_k, warps = _tiles(low.dtype)
-    grid = (triton.cdiv(max(width, height), block_m), triton.cdiv(co, block_n), n * EDGES.value)
-    _shortcut_border_kernel[grid](
-        low, weight_taps, corr, cl, h, w, height, width, co, resize_scale(h, height, True),
-        resize_scale(w, width, True), *low.stride(), *corr.stride(),
-        WIDE=needs_wide_index((low, corr), (weight_taps,)), PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    wide = needs_wide_index((low, corr), (weight_taps,))
+    for items in batch_slices(n, EDGES.value):
+        grid = launch_grid("cascade_feature_fusion", (triton.cdiv(max(width, height), block_m),
+                                                      triton.cdiv(co, block_n), corr[items].shape[0] * EDGES.value),
+                           ("border pixels", "output channels", "batch items"))
+        _shortcut_border_kernel[grid](
+            low[items], weight_taps, corr[items], cl, h, w, height, width, co, resize_scale(h, height, True),
+            resize_scale(w, width, True), *low.stride(), *corr.stride(),
+            WIDE=wide, PRECISION="ieee" if low.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     # a 3-pixel side's one border row (column) is both edges': the pass reads one entry per axis
     if height == 3:
         corr[:, :, :width] += corr[:, :, width:2 * width]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from icnet_kernels.cff_geometry import memory_format_of
+from icnet_kernels.triton.index_math import batch_slices, launch_grid
 from icnet_kernels.triton.weight_layout import laid_out
 
 
@@ -135,16 +136,21 @@ def conv2d_epilogue_triton(x, weight, bias, residual, stride: int, padding: int,
     has_residual = residual is not None
     res_strides = residual.stride() if has_residual else (0, 0, 0, 0)
     residual = residual if has_residual else out  # stands in for an absent residual; never read
-    grid = (triton.cdiv(oh * ow, block_m), triton.cdiv(co, block_n), n * split_k)
-    _conv2d_epilogue_fwd_kernel[grid](
-        x, w_taps, bias, residual, out, part, ci, h, w, co, ow, oh * ow, per_split,
-        *x.stride(), *res_strides, *out.stride(), *part_strides,
-        KSIZE=k, STRIDE=stride, PADDING=padding, DILATION=dilation, SPLIT_K=split_k,
-        HAS_RESIDUAL=has_residual, RELU=relu, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    if split_k > 1:
-        _conv2d_epilogue_sum_kernel[(triton.cdiv(oh * ow, block_m), triton.cdiv(co, block_n), n)](
-            part, bias, residual, out, co, ow, oh * ow, *part_strides, *res_strides, *out.stride(),
-            SPLIT_K=split_k, HAS_RESIDUAL=has_residual, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps)
+    axes = ("output pixels", "output channels", "batch items")
+    for items in batch_slices(n, split_k):
+        x_i, residual_i, out_i, part_i = x[items], residual[items], out[items], part[:, items] if split_k > 1 else part
+        batch = out_i.shape[0]
+        grid = launch_grid("conv2d_epilogue",
+                           (triton.cdiv(oh * ow, block_m), triton.cdiv(co, block_n), batch * split_k), axes)
+        _conv2d_epilogue_fwd_kernel[grid](
+            x_i, w_taps, bias, residual_i, out_i, part_i, ci, h, w, co, ow, oh * ow, per_split,
+            *x.stride(), *res_strides, *out.stride(), *part_strides,
+            KSIZE=k, STRIDE=stride, PADDING=padding, DILATION=dilation, SPLIT_K=split_k,
+            HAS_RESIDUAL=has_residual, RELU=relu, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        if split_k > 1:
+            _conv2d_epilogue_sum_kernel[(grid[0], grid[1], batch)](
+                part_i, bias, residual_i, out_i, co, ow, oh * ow, *part_strides, *res_strides, *out.stride(),
+                SPLIT_K=split_k, HAS_RESIDUAL=has_residual, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps)
     return out

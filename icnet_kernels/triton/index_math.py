@@ -1,5 +1,5 @@
-"""Index math shared by the Triton kernels: bilinear sources in PyTorch's arithmetic (as csrc/common/resize.h)
-and the width of in-image offsets."""
+"""Index math shared by the Triton kernels: bilinear sources in PyTorch's arithmetic (as csrc/common/resize.h),
+the width of in-image offsets and the launch grids' limits."""
 
 import torch
 import triton
@@ -8,6 +8,12 @@ import triton.language as tl
 # In-image offsets are int32, which halves the index arithmetic, unless a tensor's batch item spans 2^31
 # elements or more; the batch offset is always computed in int64.
 INT32_SPAN = 2**31
+
+# CUDA caps a launch grid at 2^31 - 1 programs along x and 65535 along y and z. The kernels take the batch
+# item from program_id(2) (or, with several programs per item, from a part of it), so a larger batch is
+# launched in slices (batch_slices); launch_grid says which input is too large where nothing can be sliced.
+GRID_X_LIMIT = 2**31 - 1
+GRID_YZ_LIMIT = 65535
 
 
 def image_span(t: torch.Tensor) -> int:
@@ -20,6 +26,24 @@ def needs_wide_index(images, weights=()) -> bool:
     a weight may not fit int32: the kernels' WIDE."""
     return (any(t is not None and image_span(t) >= INT32_SPAN for t in images)
             or any(t is not None and t.numel() >= INT32_SPAN for t in weights))
+
+
+def batch_slices(n: int, programs_per_item: int = 1, along: str = "z") -> list[slice]:
+    """The batch [0, n) in slices, each small enough that programs_per_item programs per item fit one
+    launch grid's dimension along ("x", or "z" as y)."""
+    limit = GRID_X_LIMIT if along == "x" else GRID_YZ_LIMIT
+    step = max(1, limit // programs_per_item)
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def launch_grid(op: str, grid: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[int, int, int]:
+    """grid as it is, or ValueError from op naming what the dimension past CUDA's limit counts (axes: what
+    each of x, y and z counts, e.g. "weight's output channels")."""
+    for size, limit, axis, what in zip(grid, (GRID_X_LIMIT, GRID_YZ_LIMIT, GRID_YZ_LIMIT), "xyz", axes):
+        if size > limit:
+            raise ValueError(f"{op}: too many {what} for one launch: {size} programs along the grid's {axis} "
+                             f"dimension, over CUDA's limit of {limit}")
+    return grid
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.max_pool import pooled_size
+from icnet_kernels.triton.index_math import batch_slices, launch_grid
 
 
 @triton.jit(do_not_specialize=["H", "W", "OW", "num_pixels"])
@@ -62,8 +63,10 @@ def max_pool_triton(x: torch.Tensor, kernel_size: int, stride: int, padding: int
     if out.numel() == 0:
         return out
     block_p, block_c, num_warps = _tiles(c)
-    grid = (triton.cdiv(oh * ow, block_p), triton.cdiv(c, block_c), n)
-    _max_pool_fwd_kernel[grid](x, out, c, h, w, ow, oh * ow, *x.stride(), *out.stride(),
-                               KERNEL=kernel_size, STRIDE=stride, PADDING=padding,
-                               BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    for items in batch_slices(n):
+        grid = launch_grid("max_pool", (triton.cdiv(oh * ow, block_p), triton.cdiv(c, block_c), out[items].shape[0]),
+                           ("output pixels", "channels", "batch items"))
+        _max_pool_fwd_kernel[grid](x[items], out[items], c, h, w, ow, oh * ow, *x.stride(), *out.stride(),
+                                   KERNEL=kernel_size, STRIDE=stride, PADDING=padding,
+                                   BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return out

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from icnet_kernels.backends import triton_usable
 from icnet_kernels.ops.arguments import TRITON_DTYPES, require
+from icnet_kernels.triton.index_math import batch_slices, launch_grid
 from icnet_kernels.triton.pyramid_pool_sum import stacked_matrices
 
 
@@ -147,11 +148,13 @@ def pyramid_expansion_epilogue_triton(y: torch.Tensor, grids: torch.Tensor, bias
     if out.numel() == 0:
         return out
     block_p, block_c, block_k, warps = _tiles(y.dtype)
-    grid = (triton.cdiv(height * width, block_p), triton.cdiv(c, block_c), n)
-    _pyramid_expansion_epilogue_kernel[grid](
-        y, grids, bias, out, tables.expand_h, tables.expand_w, tables.row_h, tables.row_w,
-        c, height, width, tables.cells, height * width,
-        *y.stride(), *grids.stride(), *out.stride(),
-        RELU=relu, PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps)
+    for items in batch_slices(n):
+        grid = launch_grid(op, (triton.cdiv(height * width, block_p), triton.cdiv(c, block_c), out[items].shape[0]),
+                           ("pixels", "channels", "batch items"))
+        _pyramid_expansion_epilogue_kernel[grid](
+            y[items], grids[items], bias, out[items], tables.expand_h, tables.expand_w, tables.row_h, tables.row_w,
+            c, height, width, tables.cells, height * width,
+            *y.stride(), *grids.stride(), *out.stride(),
+            RELU=relu, PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps)
     return out

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from icnet_kernels.reference import pyramid_bin_matrices
+from icnet_kernels.triton.index_math import batch_slices, launch_grid
 
 
 @triton.jit
@@ -91,10 +92,12 @@ def pyramid_pool_sum_triton(x: torch.Tensor, bins, kernel_sizes, strides, align_
     block_w = max(16, min(128, triton.next_power_of_2(width)))
     block_h = max(16, min(4096 // block_w, triton.next_power_of_2(height)))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _pyramid_pool_sum_kernel[(n * c,)](
-        x, out, reduce_h, reduce_w, expand_h, expand_w, bin_of_row,
-        c, height, width, rows,
-        *x.stride(), *out.stride(),
-        BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r, PRECISION=precision,
-    )
+    for items in batch_slices(n, c, along="x"):  # one program per channel plane
+        grid = launch_grid("pyramid_pool_sum", (out[items].shape[0] * c, 1, 1), ("channel planes", "", ""))
+        _pyramid_pool_sum_kernel[grid](
+            x[items], out[items], reduce_h, reduce_w, expand_h, expand_w, bin_of_row,
+            c, height, width, rows,
+            *x.stride(), *out.stride(),
+            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r, PRECISION=precision,
+        )
     return out

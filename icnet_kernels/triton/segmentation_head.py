@@ -19,6 +19,7 @@ import triton.language as tl
 
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.segmentation_head import zoomed_size
+from icnet_kernels.triton.index_math import batch_slices, launch_grid
 from icnet_kernels.triton.weight_layout import laid_out
 
 
@@ -43,8 +44,10 @@ def _segmentation_head_fwd_kernel(
     ZOOM: tl.constexpr, LABELS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_x = tl.program_id(0)
-    i = tl.program_id(1)
+    # x counts the feature rows times the output's column blocks: CUDA caps y at 65535 programs
+    blocks_x = tl.cdiv(W, BLOCK_X)
+    pid_x = tl.program_id(0) % blocks_x
+    i = tl.program_id(0) // blocks_x
     n = tl.program_id(2).to(tl.int64)
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     x_ok = offs_x < W
@@ -126,10 +129,12 @@ def segmentation_head_triton(features: torch.Tensor, weight: torch.Tensor, bias:
         return out
     weight_t = laid_out(weight, "transposed", lambda t: t.t().contiguous())  # K x C
     block_x, block_k, block_c, num_warps = _tiles(c, k, width, features.dtype)
-    grid = (triton.cdiv(width, block_x), h, n)
-    _segmentation_head_fwd_kernel[grid](
-        features, weight_t, bias, out, k, h, w, c, height, width, *features.stride(), *out_strides,
-        ZOOM=zoom, LABELS=labels, PRECISION="ieee" if features.dtype == torch.float32 else "tf32",
-        BLOCK_X=block_x, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    for items in batch_slices(n):
+        grid = launch_grid("segmentation_head", (triton.cdiv(width, block_x) * h, 1, out[items].shape[0]),
+                           ("feature rows x output column blocks", "", "batch items"))
+        _segmentation_head_fwd_kernel[grid](
+            features[items], weight_t, bias, out[items], k, h, w, c, height, width, *features.stride(), *out_strides,
+            ZOOM=zoom, LABELS=labels, PRECISION="ieee" if features.dtype == torch.float32 else "tf32",
+            BLOCK_X=block_x, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
+        )
     return out
