@@ -238,7 +238,7 @@ def run_config(config: Config, device: torch.device, effort: timing.Effort, peak
                                               device, effort)
         for row, _, model in built:
             if row["runner"] in failures:
-                row["error"] = f"while timed: {failures[row['runner']]}"
+                row["error"] = failures[row["runner"]]
                 log.warning("  failed %s", row["error"])
                 on_row(row)
                 continue

@@ -92,7 +92,7 @@ def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.E
                                           device, effort)
     for row in rows:
         if row["provider"] in failures:
-            row["error"] = f"while timed: {failures[row['provider']]}"
+            row["error"] = failures[row["provider"]]
             log.warning("  %s failed %s", row["provider"], row["error"])
         if row["provider"] in times:
             p20, p50, p80 = times[row["provider"]]

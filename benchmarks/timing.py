@@ -91,19 +91,20 @@ def error_text(exc: BaseException) -> str:
 def time_or_fail(fns: dict[str, Callable[[], object]], device: torch.device,
                  effort: Effort) -> tuple[dict[str, tuple[float, float, float]], dict[str, str]]:
     """time_together_ms, and the error of each function that raised while timed (out of memory under a
-    timer's repetitions, say) in place of its times, so that one failure does not end the comparison. On a
-    GPU each function is timed alone and fails alone; on the CPU, where they take turns, all fail together."""
+    timer's repetitions, say; "while timed: " and error_text) in place of its times, so that one failure
+    does not end the comparison. On a GPU each function is timed alone and fails alone; on the CPU, where
+    they take turns, all fail together."""
     if device.type != "cuda":
         try:
             return time_together_ms(fns, device, effort), {}
         except Exception as exc:
-            return {}, dict.fromkeys(fns, error_text(exc))
+            return {}, dict.fromkeys(fns, f"while timed: {error_text(exc)}")
     times, errors = {}, {}
     for name, fn in fns.items():
         try:
             times[name] = _time_cuda_ms(fn, effort)
         except Exception as exc:
-            errors[name] = error_text(exc)
+            errors[name] = f"while timed: {error_text(exc)}"
     return times, errors
 
 

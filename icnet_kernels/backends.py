@@ -14,10 +14,16 @@ from icnet_kernels._native import native_available, native_cuda_available
 BACKENDS = ("native", "triton", "reference")
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1, which must be
+    set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_usable(device: torch.device) -> bool:
     if device.type in ("cuda", "meta"):  # on meta tensors only the ops' fake kernels run (shapes, FLOP counts)
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and triton_interpreted()
 
 
 def choose_backend(backend: str | None, x: torch.Tensor) -> str:

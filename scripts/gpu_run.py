@@ -34,6 +34,7 @@ Python packages the GPU machine lacks travel as wheels in .whl/ (see the README)
 import argparse
 import datetime
 import glob
+import itertools
 import importlib.util
 import json
 import os
@@ -204,6 +205,22 @@ def summarize_rows(path: Path) -> dict:
             "epilogue_fallbacks", "layer_groups_error", "error")
     return {"rows": len(rows), "errors": sum("error" in row for row in rows),
             "table": [{key: row[key] for key in keep if key in row} for row in rows]}
+
+
+def runners_not_measured(path: Path, args: list[str]) -> list[str]:
+    """The e2e runs that args (the benchmark's command line) asks for and the results file has no row of,
+    in the order the benchmark runs them: after a stage stopped at its time limit, the first was running."""
+    def listed(option):
+        start = args.index(option) + 1
+        return list(itertools.takewhile(lambda arg: not arg.startswith("--"), args[start:]))
+
+    try:
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    except (ValueError, KeyError):
+        rows = []
+    done = {(row.get("batch"), row.get("runner")) for row in rows}
+    return [f"batch {batch} {runner}" for batch in listed("--batches") for runner in listed("--runners")
+            if (int(batch), runner) not in done]
 
 
 class Driver:
@@ -436,7 +453,12 @@ class Driver:
                               if args[args.index("--batches") + 1] == "1" else
                               "e2e: no first run on this machine: batch 16 only")
         self._python(stage, args)
-        stage.results = summarize_rows(_only(self.results_dir("e2e"), "icnet-*.json"))
+        found = _only(self.results_dir("e2e"), "icnet-*.json")
+        stage.results = summarize_rows(found) | {"not_measured": runners_not_measured(found, args)}
+        if stage.status == "timeout" and stage.results["not_measured"]:
+            since = time.time() - found.stat().st_mtime if found.exists() else stage.seconds
+            self.notes.append(f"e2e stopped at its time limit while {stage.results['not_measured'][0]} ran, "
+                              f"{since:.0f} s after the last row was written")
 
     def _seed_cache(self) -> None:
         """The working folder's cache (an earlier run on this machine) or else the committed one."""

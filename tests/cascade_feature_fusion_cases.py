@@ -10,7 +10,7 @@ from hypothesis import event, strategies as st
 from icnet_kernels import CascadeFeatureFusion, cascade_feature_fusion, cascade_feature_fusion_reference
 from icnet_kernels.cff_geometry import exact_shortcut, tap_first
 from icnet_kernels.ops.cascade_feature_fusion import fold_scale
-from tests.helpers import ATOL, LAYOUTS, assert_within_budget, in_layout, record_path
+from tests.helpers import ATOL, assert_within_budget, in_layout, record_path
 
 INPUT_NAMES = ("low", "high", "weight_low", "weight_high", "scale_low", "shift_low", "scale_high", "shift_high")
 

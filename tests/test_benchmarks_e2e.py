@@ -365,7 +365,7 @@ def test_on_a_gpu_a_function_failing_when_timed_fails_alone(monkeypatch):
     times, errors = icnet_e2e.timing.time_or_fail({"a": lambda: None, "b": _out_of_memory, "c": lambda: None},
                                                   torch.device("cuda"), icnet_e2e.timing.QUICK)
     assert times == {"a": (1.0, 2.0, 3.0), "c": (1.0, 2.0, 3.0)}
-    assert errors == {"b": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert errors == {"b": "while timed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
 
 
 def test_on_the_cpu_functions_timed_in_turns_fail_together():

@@ -3,7 +3,6 @@ reference, gradcheck and second-order gradients."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import icnet_kernels

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
 
 import icnet_kernels
 from icnet_kernels import CascadeFeatureFusion

@@ -49,6 +49,7 @@ def test_cpu_mode_runs_every_stage_and_bundles_at_most_eight_files(tmp_path):
     memcheck = stages["memcheck"]["results"]
     assert memcheck["cases_run"] == len(FUSION_CASES) + len(PYRAMID_CASES) and memcheck["cases_failed"] == []
     assert stages["ops"]["status"] == "ok" and stages["ops"]["results"]["errors"] == 0
+    assert stages["e2e"]["status"] == "ok" and stages["e2e"]["results"]["not_measured"] == []
     e2e = json.loads(next(out.glob("icnet-*.json")).read_text())
     assert [row["runner"] for row in e2e["rows"]] == ["reference-eager", "fused-eager"]
     assert all(row["p50_ms"] > 0 and row["compile_s"] > 0 and row["input"] == [1, 3, 33, 65] for row in e2e["rows"])
@@ -139,6 +140,20 @@ def test_the_gpu_run_measures_the_goal_configuration_with_the_runners_in_order(t
     assert all(icnet_e2e.RUNNERS[name].applies(chosen[0], torch.device("cuda")) for name in parsed.runners)
     assert parsed.resume == (plan == "batch16")
     assert parsed.compile_cache.name == "torch-compile-cache-nvidia-h200.zip"
+
+
+def test_the_runs_an_e2e_stage_left_unmeasured_are_named_in_the_benchmarks_order(tmp_path):
+    """A second run that resumes batch 1 and adds batch 16, cut off during batch 1's max-autotune."""
+    driver = _gpu_driver(tmp_path, "batch16")
+    driver.results_dir("e2e").mkdir(parents=True)
+    results = driver.results_dir("e2e") / "icnet-nvidia-h200.json"
+    results.write_text("{}")
+    args = driver.e2e_args()
+    assert gpu_run.runners_not_measured(results, args)[0] == "batch 1 reference-eager"  # unreadable: none done
+    done = gpu_run.E2E_RUNNERS[:-1]
+    results.write_text(json.dumps({"rows": [{"batch": 1, "runner": name} for name in done]}))
+    assert gpu_run.runners_not_measured(results, args) == (
+        ["batch 1 reference-compile-max-autotune"] + [f"batch 16 {name}" for name in gpu_run.E2E_RUNNERS])
 
 
 def test_the_gpu_tests_run_in_parallel_under_a_per_test_timeout(tmp_path):

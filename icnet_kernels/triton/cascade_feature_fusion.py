@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.backends import triton_interpreted
 from icnet_kernels.cff_geometry import exact_shortcut, output_memory_format
 from icnet_kernels.triton.cff_shortcut_border import shortcut_border_corrections
 from icnet_kernels.triton.index_math import (batch_slices, in_image_index, launch_grid, needs_wide_index, resize_scale,
@@ -58,7 +59,7 @@ def _configs():
 def _tuning() -> bool:
     """Whether launches are autotuned. ICNET_TRITON_AUTOTUNE=0 (the test suite sets it: each new shape would
     otherwise compile and time every tile) and the interpreter run a fixed tile instead."""
-    return os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+    return os.environ.get("ICNET_TRITON_AUTOTUNE", "1") != "0" and not triton_interpreted()
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -68,7 +69,7 @@ def _kind(dtype: torch.dtype) -> str:
 def _untuned_config(dtype: torch.dtype, gather: bool) -> triton.Config:
     """The tile of an untuned launch: the first of its dtype's and pass's list (one small tile when
     interpreted). Launched without the autotuner, which in some Triton versions times even a single tile."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)
     return _config(TILES[_kind(dtype), "gather" if gather else "taps"][0])
 

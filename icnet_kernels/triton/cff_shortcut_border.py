@@ -21,12 +21,12 @@ Where H = 3 (or W = 3) row 1 is row H-2 (column 1 is column W-2): both terms app
 entry holds their sum.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.backends import triton_interpreted
 from icnet_kernels.triton.index_math import (batch_slices, in_image_index, launch_grid, needs_wide_index, resize_scale,
                                             source_index)
 
@@ -91,7 +91,7 @@ def _shortcut_border_kernel(
 def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); one small tile under the interpreter. float32's dot runs at
     full precision, unrolled into scalar FMAs, so it gets the smaller reduction block."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return 16, 16, 16, 1
     return (32, 64, 16, 4) if dtype == torch.float32 else (32, 64, 32, 4)
 

@@ -7,12 +7,12 @@ SPLIT_K programs per tile that write float32 partial sums; a second kernel adds 
 epilogue. With SPLIT_K 1 the first kernel applies it itself.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.backends import triton_interpreted
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.triton.index_math import batch_slices, launch_grid
 from icnet_kernels.triton.weight_layout import laid_out
@@ -102,7 +102,7 @@ def _conv2d_epilogue_sum_kernel(
 def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tensor-core tiles for 16-bit types, small ones for float32
     (its full-precision dot unrolls into FMAs); one small tile under the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return 16, 16, 16, 1
     return (64, 64, 32, 4) if dtype != torch.float32 else (32, 64, 16, 4)
 

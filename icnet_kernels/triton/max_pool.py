@@ -6,12 +6,12 @@ over the window's KERNEL x KERNEL taps (unrolled); taps in the padding are skipp
 ATen.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.backends import triton_interpreted
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.max_pool import pooled_size
 from icnet_kernels.triton.index_math import batch_slices, launch_grid
@@ -50,7 +50,7 @@ def _max_pool_fwd_kernel(
 
 def _tiles(channels: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps); under the interpreter larger tiles mean fewer interpreted programs."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return 128, min(64, triton.next_power_of_2(channels)), 1
     return 64, min(32, triton.next_power_of_2(channels)), 4
 

@@ -17,14 +17,13 @@ product. Pooling and expansion matrices come from the pyramid op's stacked table
 (icnet_kernels.triton.pyramid_pool_sum), so both paths weigh every pixel alike.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from icnet_kernels.backends import triton_usable
+from icnet_kernels.backends import triton_interpreted, triton_usable
 from icnet_kernels.ops.arguments import TRITON_DTYPES, require
 from icnet_kernels.triton.index_math import batch_slices, launch_grid
 from icnet_kernels.triton.pyramid_pool_sum import stacked_matrices
@@ -118,7 +117,7 @@ def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps); one small tile under the interpreter. Each tile forms its
     expansion weights and holds y's tile beside the product: 16-bit tiles take 8 warps to stay in the
     registers; float32's full-precision dot, unrolled into scalar FMAs, takes a smaller reduction block."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return 16, 16, 16, 1
     return (64, 64, 16, 4) if dtype == torch.float32 else (64, 64, 64, 8)
 

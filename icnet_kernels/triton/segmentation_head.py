@@ -11,12 +11,12 @@ lerps of the two logit rows. The 128-channel map is thus read about twice per ou
 resized at full resolution; only the num_classes logits (or one uint8 label) per pixel are written.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from icnet_kernels.backends import triton_interpreted
 from icnet_kernels.cff_geometry import memory_format_of
 from icnet_kernels.ops.segmentation_head import zoomed_size
 from icnet_kernels.triton.index_math import batch_slices, launch_grid
@@ -105,7 +105,7 @@ def _tiles(num_classes: int, channels: int, width: int, dtype: torch.dtype) -> t
     interpreter larger tiles mean fewer interpreted programs. float32's full-precision dots unroll into
     scalar FMAs: smaller tiles keep them in the registers."""
     block_c = max(16, triton.next_power_of_2(num_classes))
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreted():
         return (max(16, min(128, triton.next_power_of_2(width))), max(16, min(128, triton.next_power_of_2(channels))),
                 block_c, 1)
     return (32, 16, block_c, 4) if dtype == torch.float32 else (64, 32, block_c, 4)
