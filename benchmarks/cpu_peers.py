@@ -1,12 +1,14 @@
-"""ICNet's fused build against the CPU runtimes a user would deploy it with instead: ONNX Runtime and
-OpenVINO running its ONNX export (benchmarks.e2e_onnx), timed in alternating rounds in one process.
+"""ICNet's fused build against what a user would deploy it with instead on a CPU: torch.compile of the
+reference build (inductor, with freezing), and ONNX Runtime and OpenVINO running its ONNX export
+(benchmarks.e2e_onnx), timed in alternating rounds in one process.
 
 python -m benchmarks.cpu_peers [--batches 1 4] [--dtypes float32 bfloat16] [--repeats 2] [--threads N] [--out DIR]
 
 For each dtype and batch, repeated (sub124 at 1025x2049, NCHW, the same random weights as
-benchmarks.icnet_e2e): the fused build run eagerly and the two runtimes, timed together by
-benchmarks.icnet_e2e.run_config (its rows: p20/p50/p80, argmax agreement with the reference build, the
-roofline fields, and the fused build's layer_groups_ms, hook spans); then each runtime profiled on its own,
+benchmarks.icnet_e2e): the fused build run eagerly, the compiled reference and the two runtimes, timed
+together by benchmarks.icnet_e2e.run_config (its rows: p20/p50/p80, argmax agreement with the reference
+build, compile_s, the roofline fields, and the fused build's layer_groups_ms, hook spans); then each ONNX
+runtime profiled on its own,
 its row's layer_groups_ms the medians of per-call sums of node times by layer group and reorder_ms the
 share of its layout reorders. Rows carry the repeat's number. Writes <out>/icnet-cpu-peers-<cpu>.json
 (with -<N>-threads before .json under --threads N, and -omp-<policy> where OMP_WAIT_POLICY is set) and
@@ -27,7 +29,7 @@ import torch
 from benchmarks import e2e_onnx, icnet_e2e, report, roofline, timing
 
 log = logging.getLogger("benchmarks")
-RUNNERS = ("fused-eager", "onnxruntime", "openvino")
+RUNNERS = ("fused-eager", "reference-compile-frozen", "onnxruntime", "openvino")
 PROFILE_CALLS = 5
 # As benchmarks.icnet_e2e on a CPU: at least five alternating rounds.
 EFFORT = timing.Effort(cpu_min_run_s=1.0, cpu_min_samples=5, gpu_warmup_ms=0, gpu_rep_ms=0)
@@ -71,7 +73,7 @@ def _versions() -> dict[str, str | None]:
 
 def format_peers(rows: list[dict]) -> str:
     """Per configuration and runner: p50 in each repeat, its ratio to the fused build's, argmax agreement."""
-    lines = [f"{'batch':>5} {'dtype':9} {'runner':14} {'p50 ms per repeat':>20} {'runner / fused':>16} {'argmax':>9}"]
+    lines = [f"{'batch':>5} {'dtype':9} {'runner':24} {'p50 ms per repeat':>20} {'runner / fused':>16} {'argmax':>9}"]
     for label in dict.fromkeys((r["batch"], r["dtype"]) for r in rows):
         same = [r for r in rows if (r["batch"], r["dtype"]) == label and "p50_ms" in r]
         fused = {r["repeat"]: r["p50_ms"] for r in same if r["runner"] == "fused-eager"}
@@ -80,7 +82,7 @@ def format_peers(rows: list[dict]) -> str:
             p50 = " ".join(f"{mine[k]['p50_ms']:.0f}" for k in sorted(mine))
             ratio = " ".join(f"{mine[k]['p50_ms'] / fused[k]:.2f}" for k in sorted(mine) if k in fused)
             agreement = statistics.mean(r["argmax_agreement"] for r in mine.values())
-            lines.append(f"{label[0]:>5} {label[1]:9} {runner:14} {p50:>20} {ratio:>16} {100 * agreement:8.3f}%")
+            lines.append(f"{label[0]:>5} {label[1]:9} {runner:24} {p50:>20} {ratio:>16} {100 * agreement:8.3f}%")
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@ GPU CUDA-graph replay of the fused build with its default (native CUDA) and its 
 inference plan (icnet.plan, benchmarks.e2e_plan) returning logits, returning labels, with its Triton
 kernels and tuned per layer, and for
 the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
-(max-autotune), and the reference's torch.compile max-autotune last; on a CPU ONNX Runtime and OpenVINO running
-the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
+(max-autotune), and the reference's torch.compile max-autotune last; on a CPU, for sub124 in float32 and
+bfloat16, torch.compile of the reference with inductor's freezing (weights folded as constants, convolutions
+prepacked), and ONNX Runtime and OpenVINO running the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
 timed and written to the results file before the next one starts (on the CPU, where runners are timed in
 alternating rounds, after the configuration's last runner), so a run cut short keeps what finished.
 Rows: compile_s (seconds from building the runner to its first output: compiling, autotuning and graph
@@ -125,6 +126,18 @@ def _compiled(mode: str | None) -> Callable:
     return wrap
 
 
+def _compiled_frozen(model, x):
+    # freezing makes the weights constants of the graph, so that inductor folds them and prepacks the
+    # convolutions' weights for oneDNN: what PyTorch recommends for inference on a CPU
+    torch._dynamo.reset()
+    return torch.compile(model, options={"freezing": True})
+
+
+def _cpu_peer(config: Config, device: torch.device) -> bool:
+    """The configurations the CPU peers are compared in (benchmarks.cpu_peers): sub124, float32 or bfloat16."""
+    return device.type == "cpu" and config.mode == "sub124" and config.dtype in (torch.float32, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class Runner:
     """How a runner is made: prepare picks (or copies) the model it runs from the builds, outside the peak
@@ -158,7 +171,9 @@ RUNNERS: dict[str, Runner] = {
     "reference-compile": Runner(_reference, _compiled(None), _goal_on_gpu, compiles=True),
     "fused-compile-max-autotune": Runner(_fused, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
     "reference-compile-max-autotune": Runner(_reference, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
-    # the CPU peers, running the reference build's ONNX export (benchmarks.e2e_onnx); skipped when not installed
+    # the CPU peers: torch.compile of the reference build, and ONNX Runtime and OpenVINO running its ONNX
+    # export (benchmarks.e2e_onnx; skipped when not installed)
+    "reference-compile-frozen": Runner(_reference, _compiled_frozen, _cpu_peer, compiles=True),
     "onnxruntime": Runner(_reference, e2e_onnx.onnxruntime_runner, e2e_onnx.runs_onnxruntime),
     "openvino": Runner(_reference, e2e_onnx.openvino_runner, e2e_onnx.runs_openvino),
 }

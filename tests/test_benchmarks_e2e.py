@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import icnet_kernels
-from benchmarks import icnet_e2e, layer_groups, network_cost, plot, roofline
+from benchmarks import cpu_peers, icnet_e2e, layer_groups, network_cost, plot, roofline
 from icnet import ICNet
 from icnet.layers import ConvBN, ReferenceCascadeFeatureFusion
 
@@ -339,6 +339,17 @@ def test_gpu_runners_come_in_the_order_the_goals_compare_them():
     on_cpu = [name for name in icnet_e2e.RUNNERS if icnet_e2e.RUNNERS[name].applies(goal, torch.device("cpu"))]
     assert on_cpu[:2] == ["reference-eager", "fused-eager"]
     assert not any("cuda-graph" in name or icnet_e2e.RUNNERS[name].compiles for name in on_cpu)
+
+
+def test_on_the_cpu_torch_compile_runs_beside_the_peers_in_their_configurations():
+    cpu = torch.device("cpu")
+    frozen = icnet_e2e.RUNNERS["reference-compile-frozen"]
+    assert frozen.compiles and "reference-compile-frozen" in cpu_peers.RUNNERS
+    for dtype in (torch.float32, torch.bfloat16):
+        assert frozen.applies(icnet_e2e.Config("sub124", 4, dtype, False), cpu)
+    assert not frozen.applies(icnet_e2e.Config("sub4", 1, torch.float32, False), cpu)
+    assert not frozen.applies(icnet_e2e.Config("sub124", 1, torch.float16, True), cpu)
+    assert not frozen.applies(icnet_e2e.Config("sub124", 1, torch.float32, False), torch.device("cuda"))
 
 
 def test_with_backend_switches_every_icnet_op_of_a_copy():
