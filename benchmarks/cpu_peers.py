@@ -3,6 +3,7 @@ reference build (inductor, with freezing), and ONNX Runtime and OpenVINO running
 (benchmarks.e2e_onnx), timed in alternating rounds in one process.
 
 python -m benchmarks.cpu_peers [--batches 1 4] [--dtypes float32 bfloat16] [--repeats 2] [--threads N] [--out DIR]
+python -m benchmarks.cpu_peers --markdown RESULTS_JSON   # the README's tables of a results file
 
 For each dtype and batch, repeated (sub124 at 1025x2049, NCHW, the same random weights as
 benchmarks.icnet_e2e): the fused build run eagerly, the compiled reference and the two runtimes, timed
@@ -16,6 +17,7 @@ prints p50 per repeat with each runner's ratio to the fused build of the same re
 """
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -86,6 +88,51 @@ def format_peers(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PEER_NAMES = {"fused-eager": "fused build", "reference-compile-frozen": "torch.compile", "onnxruntime": "ONNX Runtime",
+              "openvino": "OpenVINO"}
+GROUP_NAMES = {"trunk": "trunk (1/2 shrink, conv1, pool1, conv2, conv3_1)",
+               "sub4_branch": "sub4 branch (1/2 shrink, conv3_rest, conv4, conv5)", "ppm": "pyramid pooling",
+               "conv5_4": "conv5_4", "cff_sub24": "CFF sub24", "sub1": "sub1", "cff_sub12": "CFF sub12",
+               "head": "head (classifier, final resizes)", "total": "total"}
+
+
+def _per_repeat(rows: list[dict], value: Callable[[dict], float], digits: int = 0) -> str:
+    return ", ".join(f"{value(row):.{digits}f}" for row in sorted(rows, key=lambda row: row["repeat"]))
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The README's two tables: p50 per repeat of each runner with the faster peer's ratio to the fused build,
+    and at batch 1 where the time goes (layer_groups_ms per repeat) for each runner that has them."""
+    timed = [row for row in rows if "p50_ms" in row]
+    runners = [name for name in RUNNERS if any(row["runner"] == name for row in timed)]
+    lines = ["| batch | dtype | " + " | ".join(f"{PEER_NAMES[name]} ms" for name in runners)
+             + " | faster peer / fused | fused build's argmax agreement |",
+             "|" + "---|" * (len(runners) + 4)]
+    for batch, dtype in dict.fromkeys((row["batch"], row["dtype"]) for row in timed):
+        same = [row for row in timed if (row["batch"], row["dtype"]) == (batch, dtype)]
+        of = {name: [row for row in same if row["runner"] == name] for name in runners}
+        cells = [_per_repeat(of[name], lambda row: row["p50_ms"]) or "-" for name in runners]
+        by_repeat = {}
+        for row in same:
+            by_repeat.setdefault(row["repeat"], {})[row["runner"]] = row["p50_ms"]
+        ratios = ", ".join(f"{min(t for name, t in times.items() if name != 'fused-eager') / times['fused-eager']:.2f}"
+                           for _, times in sorted(by_repeat.items())
+                           if "fused-eager" in times and len(times) > 1)
+        agreement = statistics.mean(row["argmax_agreement"] for row in of["fused-eager"]) if of["fused-eager"] else None
+        lines.append(f"| {batch} | {dtype} | " + " | ".join(cells) + f" | {ratios or '-'} | "
+                     + ("-" if agreement is None else f"{100 * agreement:.3f}%") + " |")
+    grouped = [row for row in timed if row["batch"] == 1 and row.get("layer_groups_ms")]
+    columns = list(dict.fromkeys((row["dtype"], row["runner"]) for row in grouped))
+    if columns:
+        lines += ["", "| layer group | " + " | ".join(f"{PEER_NAMES[runner]}, {dtype}" for dtype, runner in columns)
+                  + " |", "|" + "---|" * (len(columns) + 1)]
+        for group, label in GROUP_NAMES.items():
+            cells = [_per_repeat([row for row in grouped if (row["dtype"], row["runner"]) == column],
+                                 lambda row: row["layer_groups_ms"].get(group, float("nan"))) for column in columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
@@ -95,7 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--input-size", nargs=2, type=int, default=list(icnet_e2e.INPUT_SIZE), metavar=("H", "W"))
     parser.add_argument("--threads", type=int, help="intra-op threads of every runner (default: torch's)")
     parser.add_argument("--out", type=Path, default=report.REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
+                        help="print the README's tables of an earlier results file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(format_markdown(json.loads(args.markdown.read_text())["rows"]))
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -352,6 +352,23 @@ def test_on_the_cpu_torch_compile_runs_beside_the_peers_in_their_configurations(
     assert not frozen.applies(icnet_e2e.Config("sub124", 1, torch.float32, False), torch.device("cuda"))
 
 
+def test_the_cpu_peers_readme_tables_come_from_the_rows():
+    def row(runner, repeat, p50, **extra):
+        return {"batch": 1, "dtype": "float32", "runner": runner, "repeat": repeat, "p50_ms": p50,
+                "argmax_agreement": 0.99995} | extra
+    groups = dict.fromkeys(cpu_peers.GROUP_NAMES, 1.0)
+    rows = [row("fused-eager", 1, 100.0, layer_groups_ms=groups), row("reference-compile-frozen", 1, 180.0),
+            row("onnxruntime", 1, 150.0, layer_groups_ms=groups | {"head": 9.0}), row("fused-eager", 2, 120.0),
+            row("reference-compile-frozen", 2, 130.0), row("onnxruntime", 2, 150.0),
+            {"batch": 1, "dtype": "float32", "runner": "openvino", "repeat": 1, "error": "not installed"}]
+    table = cpu_peers.format_markdown(rows).splitlines()
+    assert table[0] == ("| batch | dtype | fused build ms | torch.compile ms | ONNX Runtime ms | faster peer / fused "
+                        "| fused build's argmax agreement |")
+    assert table[2] == "| 1 | float32 | 100, 120 | 180, 130 | 150, 150 | 1.50, 1.08 | 99.995% |"
+    assert table[4] == "| layer group | fused build, float32 | ONNX Runtime, float32 |"
+    assert "| head (classifier, final resizes) | 1 | 9 |" in table
+
+
 def test_with_backend_switches_every_icnet_op_of_a_copy():
     fused = ICNet(mode="sub124", fused=True).eval()
     switched = icnet_e2e.with_backend(fused, "triton")

@@ -21,7 +21,6 @@ Where H = 3 (or W = 3) row 1 is row H-2 (column 1 is column W-2): both terms app
 entry holds their sum.
 """
 
-
 import torch
 import triton
 import triton.language as tl

@@ -7,7 +7,6 @@ SPLIT_K programs per tile that write float32 partial sums; a second kernel adds 
 epilogue. With SPLIT_K 1 the first kernel applies it itself.
 """
 
-
 import torch
 import triton
 import triton.language as tl

@@ -6,7 +6,6 @@ over the window's KERNEL x KERNEL taps (unrolled); taps in the padding are skipp
 ATen.
 """
 
-
 import torch
 import triton
 import triton.language as tl

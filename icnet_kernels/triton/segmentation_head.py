@@ -11,7 +11,6 @@ lerps of the two logit rows. The 128-channel map is thus read about twice per ou
 resized at full resolution; only the num_classes logits (or one uint8 label) per pixel are written.
 """
 
-
 import torch
 import triton
 import triton.language as tl
