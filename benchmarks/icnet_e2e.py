@@ -11,9 +11,10 @@ kernels and tuned per layer, and for
 the goal configurations (sub124, float16) torch.compile of the reference (default) and of the fused build
 (max-autotune), and the reference's torch.compile max-autotune last; on a CPU, for sub124 in float32 and
 bfloat16, torch.compile of the reference with inductor's freezing (weights folded as constants, convolutions
-prepacked), and ONNX Runtime and OpenVINO running the ONNX export (benchmarks.e2e_onnx). Each runner is built, checked,
-timed and written to the results file before the next one starts (on the CPU, where runners are timed in
-alternating rounds, after the configuration's last runner), so a run cut short keeps what finished.
+prepacked), and ONNX Runtime and OpenVINO running the ONNX export (benchmarks.e2e_onnx). Each runner is
+built, checked, timed and written to the results file before the next one starts (on the CPU, where
+runners are timed in alternating rounds, after the configuration's last runner), so a run cut short keeps
+what finished.
 Rows: compile_s (seconds from building the runner to its first output: compiling, autotuning and graph
 capture included), latency p20/p50/p80, fps, peak memory (GPU), argmax agreement with the reference build,
 speedup over the reference build run eagerly in the same layout, and for the fused build
