@@ -50,7 +50,8 @@ def _randn(*shape, seed=0, device="cpu"):
 # must give for that part.
 
 def _cff(path):
-    c = next(c for c in TRITON_CFF if c.kernel_path == path)
+    # the path's smallest case: the interpreter runs every program in Python
+    c = min((c for c in TRITON_CFF if c.kernel_path == path), key=lambda c: c.cl * c.co * c.H * c.W)
     base = cff_inputs(c, torch.float32, seed=1)
 
     def make(n, device, backend):
