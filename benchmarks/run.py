@@ -2,6 +2,7 @@
 
 python -m benchmarks.run [--ops pyramid_pool_sum ...] [--device cpu|cuda|auto] [--out benchmarks/results] [--quick]
     [--goal] [--providers eager icnet-native ...] [--compile-cache FILE]
+python -m benchmarks.run --markdown RESULTS_JSON   # the README's table of a results file
 
 For every case of every op: compute the reference in float64 from the same inputs, run each provider once
 and diff it against that reference, then time the providers together (on the CPU in alternating rounds, so
@@ -29,6 +30,7 @@ benchmarks.compile_cache (saved after every case that a torch.compile provider r
 """
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -105,6 +107,32 @@ def run_case(op: OpBenchmark, case: Case, device: torch.device, effort: timing.E
     return rows
 
 
+def _case_of(row: dict) -> tuple:
+    return row["op"], row["variant"], tuple(row["shape"]), row["dtype"]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The README's table: per case, eager's p50 and each other provider's p50 and speedup over eager."""
+    providers = [name for name in dict.fromkeys(row["provider"] for row in rows) if name != BASELINE]
+    lines = ["| op | variant | shape | dtype | eager ms | "
+             + " | ".join(f"{name} ms | {name} vs eager" for name in providers) + " |",
+             "|" + "---|" * (5 + 2 * len(providers))]
+    for case in dict.fromkeys(_case_of(row) for row in rows):
+        of = {row["provider"]: row for row in rows if _case_of(row) == case}
+        cells = [_ms(of[BASELINE]["p50_ms"]) if "p50_ms" in of.get(BASELINE, {}) else "-"]
+        for name in providers:
+            row = of.get(name, {})
+            speedup = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"
+            cells += [_ms(row["p50_ms"]), speedup] if "p50_ms" in row else ["-", "-"]
+        op, variant, shape, dtype = case
+        lines.append(f"| {op} | {variant} | {'x'.join(map(str, shape))} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these providers (eager, compile, compile-max-autotune, icnet-native, icnet-triton)")
     parser.add_argument("--compile-cache", type=Path, metavar="FILE",
                         help="torch.compile artifacts: loaded when made in this environment, extended by this run")
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
+                        help="print the README's table of an earlier results file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(format_markdown(json.loads(args.markdown.read_text())["rows"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     device = _device(args.device)

@@ -260,3 +260,16 @@ def test_an_op_provider_failing_when_timed_gets_a_row_that_says_so(monkeypatch):
     assert [row["provider"] for row in rows] == ["eager", "icnet-native"]
     assert all(row["error"] == "while timed: OutOfMemoryError: CUDA out of memory" and "p50_ms" not in row
                for row in rows)
+
+
+def test_the_op_benchmarks_readme_table_comes_from_the_rows():
+    def row(provider, p50, **extra):
+        return {"op": "pyramid_pool_sum", "variant": "adaptive", "shape": [16, 1024, 33, 65], "dtype": "float32",
+                "provider": provider, "p50_ms": p50} | extra
+    rows = [row("eager", 1080.4), row("icnet-native", 122.2, speedup_vs_eager=8.84),
+            {"op": "pyramid_pool_sum", "variant": "adaptive", "shape": [16, 1024, 33, 65], "dtype": "float32",
+             "provider": "icnet-triton", "error": "needs a GPU"}]
+    table = run.format_markdown(rows).splitlines()
+    assert table[0] == ("| op | variant | shape | dtype | eager ms | icnet-native ms | icnet-native vs eager "
+                        "| icnet-triton ms | icnet-triton vs eager |")
+    assert table[2] == "| pyramid_pool_sum | adaptive | 16x1024x33x65 | float32 | 1080 | 122 | 8.84x | - | - |"
