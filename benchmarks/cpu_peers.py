@@ -96,8 +96,8 @@ GROUP_NAMES = {"trunk": "trunk (1/2 shrink, conv1, pool1, conv2, conv3_1)",
                "head": "head (classifier, final resizes)", "total": "total"}
 
 
-def _per_repeat(rows: list[dict], value: Callable[[dict], float], digits: int = 0) -> str:
-    return ", ".join(f"{value(row):.{digits}f}" for row in sorted(rows, key=lambda row: row["repeat"]))
+def _per_repeat(rows: list[dict], value: Callable[[dict], float]) -> str:
+    return ", ".join(f"{value(row):.0f}" for row in sorted(rows, key=lambda row: row["repeat"]))
 
 
 def format_markdown(rows: list[dict]) -> str:
