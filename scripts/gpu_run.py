@@ -34,8 +34,8 @@ Python packages the GPU machine lacks travel as wheels in .whl/ (see the README)
 import argparse
 import datetime
 import glob
-import itertools
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -207,17 +207,14 @@ def summarize_rows(path: Path) -> dict:
             "table": [{key: row[key] for key in keep if key in row} for row in rows]}
 
 
-def runners_not_measured(path: Path, args: list[str]) -> list[str]:
-    """The e2e runs that args (the benchmark's command line) asks for and the results file has no row of,
-    in the order the benchmark runs them: after a stage stopped at its time limit, the first was running."""
+def runners_not_measured(rows: list[dict], args: list[str]) -> list[str]:
+    """The e2e runs that args (the benchmark's command line) asks for and rows (summarize_rows' table) have
+    no row of, in the order the benchmark runs them: after a stage stopped at its time limit, the first was
+    running."""
     def listed(option):
         start = args.index(option) + 1
         return list(itertools.takewhile(lambda arg: not arg.startswith("--"), args[start:]))
 
-    try:
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    except (ValueError, KeyError):
-        rows = []
     done = {(row.get("batch"), row.get("runner")) for row in rows}
     return [f"batch {batch} {runner}" for batch in listed("--batches") for runner in listed("--runners")
             if (int(batch), runner) not in done]
@@ -454,7 +451,8 @@ class Driver:
                               "e2e: no first run on this machine: batch 16 only")
         self._python(stage, args)
         found = _only(self.results_dir("e2e"), "icnet-*.json")
-        stage.results = summarize_rows(found) | {"not_measured": runners_not_measured(found, args)}
+        stage.results = summarize_rows(found)
+        stage.results["not_measured"] = runners_not_measured(stage.results.get("table", []), args)
         if stage.status == "timeout" and stage.results["not_measured"]:
             since = time.time() - found.stat().st_mtime if found.exists() else stage.seconds
             self.notes.append(f"e2e stopped at its time limit while {stage.results['not_measured'][0]} ran, "

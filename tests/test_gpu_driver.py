@@ -149,10 +149,11 @@ def test_the_runs_an_e2e_stage_left_unmeasured_are_named_in_the_benchmarks_order
     results = driver.results_dir("e2e") / "icnet-nvidia-h200.json"
     results.write_text("{}")
     args = driver.e2e_args()
-    assert gpu_run.runners_not_measured(results, args)[0] == "batch 1 reference-eager"  # unreadable: none done
+    unreadable = gpu_run.summarize_rows(results).get("table", [])
+    assert gpu_run.runners_not_measured(unreadable, args)[0] == "batch 1 reference-eager"  # none done
     done = gpu_run.E2E_RUNNERS[:-1]
     results.write_text(json.dumps({"rows": [{"batch": 1, "runner": name} for name in done]}))
-    assert gpu_run.runners_not_measured(results, args) == (
+    assert gpu_run.runners_not_measured(gpu_run.summarize_rows(results)["table"], args) == (
         ["batch 1 reference-compile-max-autotune"] + [f"batch 16 {name}" for name in gpu_run.E2E_RUNNERS])
 
 
