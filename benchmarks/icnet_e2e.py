@@ -118,20 +118,13 @@ def _on_gpu(config: Config, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _compiled(mode: str | None) -> Callable:
+def _compiled(mode: str | None = None, options: dict | None = None) -> Callable:
     # mode="max-autotune" replays CUDA graphs (cudagraph trees) as well as autotuning the kernels; the fused
     # build compiles with its icnet ops kept whole.
     def wrap(model, x):
         torch._dynamo.reset()
-        return torch.compile(model, mode=mode)
+        return torch.compile(model, mode=mode, options=options)
     return wrap
-
-
-def _compiled_frozen(model, x):
-    # freezing makes the weights constants of the graph, so that inductor folds them and prepacks the
-    # convolutions' weights for oneDNN: what PyTorch recommends for inference on a CPU
-    torch._dynamo.reset()
-    return torch.compile(model, options={"freezing": True})
 
 
 def _cpu_peer(config: Config, device: torch.device) -> bool:
@@ -172,9 +165,12 @@ RUNNERS: dict[str, Runner] = {
     "reference-compile": Runner(_reference, _compiled(None), _goal_on_gpu, compiles=True),
     "fused-compile-max-autotune": Runner(_fused, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
     "reference-compile-max-autotune": Runner(_reference, _compiled("max-autotune"), _goal_on_gpu, compiles=True),
-    # the CPU peers: torch.compile of the reference build, and ONNX Runtime and OpenVINO running its ONNX
-    # export (benchmarks.e2e_onnx; skipped when not installed)
-    "reference-compile-frozen": Runner(_reference, _compiled_frozen, _cpu_peer, compiles=True),
+    # the CPU peers: torch.compile of the reference build with freezing (the weights become constants of the
+    # graph, so inductor folds them and prepacks the convolutions' weights for oneDNN: what PyTorch recommends
+    # for inference on a CPU), and ONNX Runtime and OpenVINO running its ONNX export (benchmarks.e2e_onnx;
+    # skipped when not installed)
+    "reference-compile-frozen": Runner(_reference, _compiled(options={"freezing": True}), _cpu_peer,
+                                       compiles=True),
     "onnxruntime": Runner(_reference, e2e_onnx.onnxruntime_runner, e2e_onnx.runs_onnxruntime),
     "openvino": Runner(_reference, e2e_onnx.openvino_runner, e2e_onnx.runs_openvino),
 }
