@@ -69,13 +69,17 @@ def test_a_bad_input_raises_and_is_not_taken_for_a_missing_fused_implementation(
     assert conv.epilogue_fallback is None
 
 
-def test_epilogue_choice():
+@pytest.mark.parametrize("bfloat16_cpu", [True, False], ids=["onednn-bfloat16", "no-onednn-bfloat16"])
+def test_epilogue_choice(monkeypatch, bfloat16_cpu):
+    """bfloat16_cpu: whether this CPU has oneDNN's bfloat16 convolution (AVX-512 or AVX-NE-CONVERT)."""
+    monkeypatch.setattr(layers, "onednn_bfloat16_supported", lambda: bfloat16_cpu)
     onednn = torch.backends.mkldnn.is_available()
     cpu = layers._onednn_conv_post_ops if onednn else None
+    cpu_bfloat16 = cpu if bfloat16_cpu else None
     nhwc, nchw = (lambda: True), (lambda: False)
     assert fused_epilogue("cpu", torch.float32, nchw, True, True) is cpu
-    assert fused_epilogue("cpu", torch.bfloat16, nhwc, True, True) is cpu
-    assert fused_epilogue("cpu", torch.bfloat16, nchw, True, False) is cpu
+    assert fused_epilogue("cpu", torch.bfloat16, nhwc, True, True) is cpu_bfloat16
+    assert fused_epilogue("cpu", torch.bfloat16, nchw, True, False) is cpu_bfloat16
     assert fused_epilogue("cpu", torch.bfloat16, nchw, True, True) is None
     assert fused_epilogue("cpu", torch.float64, nhwc, True, True) is None
     # On a GPU only a convolution summed with a residual runs fused, and never in bfloat16.

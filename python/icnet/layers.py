@@ -11,6 +11,7 @@ fusion engines, say): a module whose fused call raises falls back to the plain p
 (ConvBN.epilogue_fallback says why; epilogue_fallbacks lists them for a model).
 """
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -97,7 +98,8 @@ def fused_epilogue(device_type: str, dtype: torch.dtype, channels_last: Callable
     """The library call that runs conv + bias (+ residual) (+ ReLU) in one for such an inference input, or
     None where the plain path serves (the caller checks that autograd and torch.compile are off).
     channels_last() says whether the convolution runs channels_last; it is asked only where that matters."""
-    if device_type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+    if device_type == "cpu" and torch.backends.mkldnn.is_available() and (
+            dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bfloat16_supported())):
         if residual and relu and dtype != torch.float32 and not channels_last():
             # oneDNN fuses the residual only channels_last; torch's unfused stand-in (add_relu) has no
             # bfloat16 kernel and fails an internal assert
@@ -109,6 +111,13 @@ def fused_epilogue(device_type: str, dtype: torch.dtype, channels_last: Callable
         # as the residual with weight 0, and 0 x NaN is NaN.
         return _cudnn_conv_add_relu
     return None
+
+
+@functools.cache
+def onednn_bfloat16_supported() -> bool:
+    """Whether oneDNN has a bfloat16 convolution on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT,
+    and without them every call fails."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _onednn_conv_post_ops(x, weight, bias, conv: nn.Conv2d, relu: bool, residual):
